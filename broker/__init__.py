@@ -1,0 +1,1 @@
+"""Consent-based inter-agency data-sharing broker."""

@@ -1,0 +1,1 @@
+"""Machine authentication: OAuth 2.0 client credentials with private_key_jwt."""

@@ -1,0 +1,54 @@
+"""Typed auth dependencies: ``AgencyCaller``, ``AdvocateCaller`` … for route signatures."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy import select
+
+from broker.auth.roles import Principal, Role
+from broker.db import SessionDep
+from broker.errors import Forbidden, Unauthenticated
+from broker.models import Agency, Client
+
+
+async def current_principal(request: Request, session: SessionDep) -> Principal:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token or len(token) > 4096:
+        raise Unauthenticated("A bearer access token is required.")
+    principal = request.app.state.runtime.token_verifier.verify(token.strip())
+    row = (
+        await session.execute(
+            select(Client.status, Agency.status)
+            .join(Agency, Agency.id == Client.agency_id)
+            .where(Client.id == principal.client_id, Agency.id == principal.agency_id)
+        )
+    ).first()
+    if row is None or row[0] != "active":
+        raise Unauthenticated("This client has been withdrawn.")
+    if row[1] != "active":
+        raise Unauthenticated("This client's agency is suspended.")
+    return principal
+
+
+def require(*roles: Role, scope: str) -> Callable[..., Awaitable[Principal]]:
+    """A dependency admitting only the given roles holding ``scope``."""
+
+    async def dependency(
+        principal: Annotated[Principal, Depends(current_principal)],
+    ) -> Principal:
+        if principal.role not in roles or scope not in principal.scopes:
+            raise Forbidden(f"This route needs the {'/'.join(r.value for r in roles)} role.")
+        return principal
+
+    return dependency
+
+
+AdminCaller = Annotated[Principal, Depends(require(Role.admin, scope="agencies:manage"))]
+AdvocateCaller = Annotated[Principal, Depends(require(Role.advocate, scope="consents:manage"))]
+AgencyCaller = Annotated[Principal, Depends(require(Role.agency, scope="disclosures:request"))]
+AuditorCaller = Annotated[Principal, Depends(require(Role.auditor, scope="ledger:read"))]
+ReceiptReader = Annotated[Principal, Depends(require(Role.agency, Role.auditor, scope="receipts:read"))]

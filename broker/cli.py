@@ -1,0 +1,209 @@
+"""The ``broker`` command: serve, migrate, keys, clients, token, demo, ledger."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from broker.settings import Settings
+
+
+def _settings() -> Settings:
+    return Settings()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from broker.runtime import load_keys
+
+    settings = _settings()
+    load_keys(settings)  # generate (dev) or check (production) before any worker starts
+    uvicorn.run(
+        "broker.app:app_from_env",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=args.log_level,
+        access_log=args.access_log,
+        proxy_headers=False,
+    )
+    return 0
+
+
+def cmd_migrate(_: argparse.Namespace) -> int:
+    from broker.migrate import upgrade
+
+    settings = _settings()
+    upgrade(settings.database_url)
+    print(f"database at head: {_redact(settings.database_url)}")
+    return 0
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def cmd_keys_init(_: argparse.Namespace) -> int:
+    from broker.crypto.keystore import BrokerKeys
+
+    settings = _settings()
+    BrokerKeys.generate(settings.key_dir)
+    print(f"broker keys ready in {settings.key_dir} (mode 0600)")
+    return 0
+
+
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    from broker.crypto.keystore import generate_agency_keys
+
+    paths = generate_agency_keys(Path(args.out), args.name, enc_curve=args.enc_curve)
+    print("created (keep the *.private.jwk.json files secret; register only the *.jwks.json):")
+    for p in paths:
+        print(f"  {p}")
+    return 0
+
+
+async def _clients_add(args: argparse.Namespace) -> dict[str, Any]:
+    from broker.agencies.schemas import ClientCreate
+    from broker.agencies.service import issue_client
+    from broker.auth.roles import Role
+    from broker.models import Agency
+    from broker.runtime import build_runtime
+
+    rt = build_runtime(_settings())
+    try:
+        jwks = json.loads(Path(args.jwks).read_text())
+        async with rt.sessionmaker() as session, session.begin():
+            agency_id = args.agency_id
+            if agency_id is None:
+                ops = Agency(name="Broker operations", kind="oversight", encryption_jwks={"keys": []})
+                session.add(ops)
+                await session.flush()
+                agency_id = ops.id
+            client = await issue_client(
+                session, rt, None,
+                ClientCreate(agency_id=agency_id, role=Role(args.role), name=args.name, jwks=jwks),
+            )
+            return {"client_id": client.id, "agency_id": agency_id, "role": client.role}
+    finally:
+        await rt.http.aclose()
+        await rt.engine.dispose()
+
+
+def cmd_clients_add(args: argparse.Namespace) -> int:
+    from broker.errors import BrokerError
+
+    try:
+        out = asyncio.run(_clients_add(args))
+    except BrokerError as exc:
+        print(f"error: {exc.detail}", file=sys.stderr)
+        return 2
+    print(out["client_id"])
+    print(f"(agency {out['agency_id']}, role {out['role']})", file=sys.stderr)
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from broker.sdk import BrokerClient, load_private_jwk
+
+    async def run() -> str:
+        client = BrokerClient(args.url, args.client_id, load_private_jwk(args.key))
+        try:
+            return await client.fetch_token()
+        finally:
+            await client.aclose()
+
+    print(asyncio.run(run()))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from broker.demo import run_demo
+
+    return asyncio.run(run_demo(args.url, Path(args.workdir)))
+
+
+def cmd_ledger_verify(args: argparse.Namespace) -> int:
+    from broker.ledger.cli import verify_command
+
+    return verify_command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="broker", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="serve the API (uvicorn)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--log-level", default="info")
+    s.add_argument("--access-log", action="store_true", help="log request lines (paths only)")
+    s.set_defaults(func=cmd_serve)
+
+    m = sub.add_parser("migrate", help="bring the database schema to head (alembic)")
+    m.set_defaults(func=cmd_migrate)
+
+    k = sub.add_parser("keys", help="key management").add_subparsers(dest="keys_cmd", required=True)
+    ki = k.add_parser("init", help="create the broker's own keys in BROKER_KEY_DIR")
+    ki.set_defaults(func=cmd_keys_init)
+    kg = k.add_parser("generate", help="make an agency's signing and encryption key pairs")
+    kg.add_argument("--out", required=True)
+    kg.add_argument("--name", default="agency")
+    kg.add_argument("--enc-curve", choices=["X25519", "P-256"], default="X25519")
+    kg.set_defaults(func=cmd_keys_generate)
+
+    c = sub.add_parser("clients", help="credentials").add_subparsers(dest="clients_cmd", required=True)
+    ca = c.add_parser("add", help="issue a client from the shell (bootstrap the first admin)")
+    ca.add_argument("--role", required=True, choices=["admin", "agency", "advocate", "auditor"])
+    ca.add_argument("--name", required=True)
+    ca.add_argument("--jwks", required=True, help="public JWKS file of the client's signing key")
+    ca.add_argument("--agency-id", default=None, help="default: a new 'Broker operations' agency")
+    ca.set_defaults(func=cmd_clients_add)
+
+    t = sub.add_parser("token", help="get an access token with a private_key_jwt assertion")
+    t.add_argument("--client-id", required=True)
+    t.add_argument("--key", required=True, help="the client's private signing JWK file")
+    t.add_argument("--url", default="http://127.0.0.1:8000")
+    t.set_defaults(func=cmd_token)
+
+    d = sub.add_parser("demo", help="walk through the whole loop against a running broker")
+    d.add_argument("--url", default="http://127.0.0.1:8000")
+    d.add_argument("--workdir", default="./var/demo")
+    d.set_defaults(func=cmd_demo)
+
+    lg = sub.add_parser("ledger", help="ledger tools").add_subparsers(dest="ledger_cmd", required=True)
+    lv = lg.add_parser("verify", help="verify a ledger export offline (or fetch it from a broker)")
+    lv.add_argument("export", nargs="?", help="JSONL export file, or - for stdin")
+    lv.add_argument("--vkey", help="note verifier key text, or @FILE")
+    lv.add_argument("--checkpoint", help="a checkpoint note saved earlier (file)")
+    lv.add_argument("--origin", default=None)
+    lv.add_argument("--url", help="fetch the export from this broker instead of a file")
+    lv.add_argument("--client-id")
+    lv.add_argument("--key", help="auditor's private signing JWK file (with --url)")
+    lv.set_defaults(func=cmd_ledger_verify)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        rc: int = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (FileExistsError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

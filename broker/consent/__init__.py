@@ -1,0 +1,1 @@
+"""Consent grants held as immutable, versioned policies."""

@@ -1,0 +1,393 @@
+"""The broker's own keys, kept as individual files in a private key folder.
+
+One file per key makes rotation and backup explicit, and strict file modes keep a
+misconfigured deployment from silently running with readable keys. Key files:
+
+========================== ===================================================
+``token-signing.jwk.json``   private EC P-256 JWK (ES256): OAuth access tokens,
+                             records-endpoint request JWTs
+``payload-signing.jwk.json`` private EC P-256 JWK (ES256): disclosure payloads,
+                             webhook notices
+``checkpoint-ed25519.pem``   unencrypted PKCS#8 PEM Ed25519 key: ledger checkpoints
+``subject-hmac.key``         base64 text (one line) of 32 random bytes: subject
+                             commitments
+``records-kek.key``          base64 text (one line) of 32 random bytes: wraps
+                             per-survivor data keys
+========================== ===================================================
+
+Files are created with mode 0600 in a 0700 folder and refused when group/world
+accessible. JWK ``kid`` values are always the RFC 7638 thumbprint.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import os
+import re
+import secrets
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import orjson
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from joserfc.jwk import ECKey, OKPKey, thumbprint
+
+from broker.crypto.jwks import ENC_ALG
+
+__all__ = [
+    "BROKER_KEY_FILES",
+    "BrokerKeys",
+    "KeyFileInsecure",
+    "KeysMissing",
+    "generate_agency_keys",
+    "generate_p256_enc_keys",
+]
+
+TOKEN_SIGNING_FILE = "token-signing.jwk.json"  # noqa: S105 - a file name
+PAYLOAD_SIGNING_FILE = "payload-signing.jwk.json"
+CHECKPOINT_FILE = "checkpoint-ed25519.pem"
+SUBJECT_HMAC_FILE = "subject-hmac.key"
+RECORDS_KEK_FILE = "records-kek.key"
+BROKER_KEY_FILES = (
+    TOKEN_SIGNING_FILE,
+    PAYLOAD_SIGNING_FILE,
+    CHECKPOINT_FILE,
+    SUBJECT_HMAC_FILE,
+    RECORDS_KEK_FILE,
+)
+SECRET_BYTES = 32
+_MAX_KEY_FILE_BYTES = 16 * 1024
+_SIG_ALG = "ES256"
+_T = TypeVar("_T")
+
+
+class KeysMissing(RuntimeError):
+    """Some broker key files are absent; ``missing`` lists their names."""
+
+    def __init__(self, key_dir: Path, missing: list[str], hint: str | None = None) -> None:
+        self.key_dir = key_dir
+        self.missing = missing
+        message = f"broker key files missing in {key_dir}: {', '.join(missing)}. " + (
+            hint or f"Create them with `broker keys init --key-dir {key_dir}`."
+        )
+        super().__init__(message)
+
+
+class KeyFileInsecure(PermissionError):
+    """A key file is group/world accessible (or not a regular file) and is refused."""
+
+
+# --------------------------------------------------------------------------- file I/O
+
+
+def _read_key_file(path: Path) -> bytes:
+    """Read a key file, refusing symlinks and modes that let others read or write it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise KeyFileInsecure(f"cannot open key file {path} safely ({exc.strerror})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise KeyFileInsecure(f"key file {path} is not a regular file")
+        if info.st_mode & 0o077:
+            raise KeyFileInsecure(
+                f"key file {path} has mode {stat.S_IMODE(info.st_mode):04o}; it must not be "
+                f"accessible to group or others (run: chmod 600 {path})"
+            )
+        if info.st_size > _MAX_KEY_FILE_BYTES:
+            raise ValueError(f"key file {path} is too large to be a key")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return handle.read()
+    finally:
+        os.close(fd)
+
+
+def _write_new_file(path: Path, data: bytes, mode: int = 0o600) -> bool:
+    """Create ``path`` holding ``data`` with ``mode``; return False if it already exists.
+
+    The content is written to a temporary O_EXCL file and hard-linked into place, so
+    a reader never sees a half-written key and an existing file is never replaced.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(tmp, flags, mode)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    _fsync_dir(path.parent)
+    return True
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _ensure_private_dir(directory: Path) -> None:
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if stat.S_IMODE(directory.stat().st_mode) != 0o700:
+        os.chmod(directory, 0o700)
+
+
+# --------------------------------------------------------------------------- key codecs
+
+
+def _ec_signing_key(jwk: dict[str, Any]) -> ECKey:
+    """Import a private P-256 JWK, forcing kid = thumbprint, use sig, alg ES256."""
+    if jwk.get("kty") != "EC" or jwk.get("crv") != "P-256" or "d" not in jwk:
+        raise ValueError("expected a private EC P-256 JWK")
+    public = {"kty": "EC", "crv": "P-256", "x": jwk["x"], "y": jwk["y"]}
+    params = {"kid": thumbprint(public), "use": "sig", "alg": _SIG_ALG}
+    return ECKey.import_key({**public, "d": jwk["d"], **params})
+
+
+def _new_ec_signing_key() -> ECKey:
+    key = ECKey.generate_key("P-256")
+    return _ec_signing_key(dict(key.as_dict(private=True)))
+
+
+def _jwk_bytes(key: ECKey | OKPKey, private: bool) -> bytes:
+    return orjson.dumps(dict(key.as_dict(private=private)), option=orjson.OPT_INDENT_2) + b"\n"
+
+
+def _encode_secret(raw: bytes) -> bytes:
+    return base64.b64encode(raw) + b"\n"
+
+
+def _decode_secret(data: bytes) -> bytes:
+    try:
+        raw = base64.b64decode(data.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not base64 text") from None
+    if len(raw) != SECRET_BYTES:
+        raise ValueError(f"must decode to {SECRET_BYTES} bytes")
+    return raw
+
+
+def _checkpoint_pem(key: Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+_GENERATORS: dict[str, Callable[[], bytes]] = {
+    TOKEN_SIGNING_FILE: lambda: _jwk_bytes(_new_ec_signing_key(), private=True),
+    PAYLOAD_SIGNING_FILE: lambda: _jwk_bytes(_new_ec_signing_key(), private=True),
+    CHECKPOINT_FILE: lambda: _checkpoint_pem(Ed25519PrivateKey.generate()),
+    SUBJECT_HMAC_FILE: lambda: _encode_secret(secrets.token_bytes(SECRET_BYTES)),
+    RECORDS_KEK_FILE: lambda: _encode_secret(secrets.token_bytes(SECRET_BYTES)),
+}
+
+
+# --------------------------------------------------------------------------- broker keys
+
+
+@dataclass(frozen=True, repr=False)
+class BrokerKeys:
+    """All broker secrets, loaded once at start-up and passed to whoever needs them."""
+
+    token_signing: ECKey
+    payload_signing: ECKey
+    checkpoint_signing: Ed25519PrivateKey
+    subject_hmac: bytes
+    records_kek: bytes
+
+    def __repr__(self) -> str:
+        # Only public identifiers: this object ends up in tracebacks and debug logs.
+        return (
+            f"BrokerKeys(token_signing=<ES256 kid={self.token_signing.kid}>, "
+            f"payload_signing=<ES256 kid={self.payload_signing.kid}>, "
+            "checkpoint_signing=<Ed25519>, subject_hmac=<secret>, records_kek=<secret>)"
+        )
+
+    __str__ = __repr__
+
+    def public_jwks(self) -> dict[str, Any]:
+        """JWKS served to agencies: both ES256 signing keys, public members only."""
+        keys = [
+            dict(key.as_dict(private=False)) for key in (self.token_signing, self.payload_signing)
+        ]
+        return {"keys": keys}
+
+    def checkpoint_public_key_pem(self) -> bytes:
+        """Ed25519 checkpoint verification key (SubjectPublicKeyInfo PEM) for auditors."""
+        return self.checkpoint_signing.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    @classmethod
+    def load(cls, key_dir: Path) -> BrokerKeys:
+        """Load all keys from ``key_dir``; raise ``KeysMissing`` if any file is absent."""
+        key_dir = Path(key_dir)
+        missing = [name for name in BROKER_KEY_FILES if not (key_dir / name).exists()]
+        if missing:
+            raise KeysMissing(key_dir, missing)
+        return cls(
+            token_signing=_load(key_dir / TOKEN_SIGNING_FILE, _parse_ec_jwk),
+            payload_signing=_load(key_dir / PAYLOAD_SIGNING_FILE, _parse_ec_jwk),
+            checkpoint_signing=_load(key_dir / CHECKPOINT_FILE, _parse_checkpoint),
+            subject_hmac=_load(key_dir / SUBJECT_HMAC_FILE, _decode_secret),
+            records_kek=_load(key_dir / RECORDS_KEK_FILE, _decode_secret),
+        )
+
+    @classmethod
+    def generate(cls, key_dir: Path) -> BrokerKeys:
+        """Create whichever key files are missing (never overwriting) and load the set.
+
+        Concurrent callers are safe: each file is created atomically by exactly one of
+        them, and everyone returns what is on disk.
+        """
+        key_dir = Path(key_dir)
+        _ensure_private_dir(key_dir)
+        for name in BROKER_KEY_FILES:
+            path = key_dir / name
+            if not path.exists():
+                _write_new_file(path, _GENERATORS[name]())
+        return cls.load(key_dir)
+
+    @classmethod
+    def load_or_generate(cls, key_dir: Path) -> BrokerKeys:
+        """Load the keys, generating a complete set if the folder holds none of them.
+
+        A partial set is refused rather than completed: silently replacing a lost
+        ``records-kek.key`` or ``subject-hmac.key`` would make every held record
+        unreadable or every subject commitment unmatchable.
+        """
+        key_dir = Path(key_dir)
+        try:
+            return cls.load(key_dir)
+        except KeysMissing as exc:
+            if len(exc.missing) != len(BROKER_KEY_FILES):
+                raise KeysMissing(
+                    key_dir,
+                    exc.missing,
+                    "Refusing to complete a partial key set automatically; restore the "
+                    f"files from backup, or run `broker keys init --key-dir {key_dir}` "
+                    "to create only the missing ones.",
+                ) from None
+        return cls.generate(key_dir)
+
+
+def _load(path: Path, parse: Callable[[bytes], _T]) -> _T:
+    data = _read_key_file(path)
+    try:
+        return parse(data)
+    except ValueError as exc:
+        # Parsers only raise fixed messages, never anything derived from key material.
+        raise ValueError(f"key file {path} is not valid: {exc}") from None
+
+
+def _parse_ec_jwk(data: bytes) -> ECKey:
+    try:
+        jwk = orjson.loads(data)
+        if not isinstance(jwk, dict):
+            raise TypeError
+        return _ec_signing_key(jwk)
+    except Exception:  # joserfc/cryptography errors may echo input; hide them
+        raise ValueError("expected a private EC P-256 JWK") from None
+
+
+def _parse_checkpoint(data: bytes) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except Exception:  # ValueError, TypeError, UnsupportedAlgorithm
+        raise ValueError("expected an unencrypted PKCS#8 PEM Ed25519 private key") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError("expected an Ed25519 private key")
+    return key
+
+
+# --------------------------------------------------------------------------- agency keys
+
+_AGENCY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+EncCurve = Literal["X25519", "P-256"]
+
+
+def generate_agency_keys(
+    out_dir: Path, name: str, enc_curve: EncCurve = "X25519"
+) -> tuple[Path, Path, Path, Path]:
+    """Create an agency's key pairs for ``broker keys generate --out DIR``.
+
+    Signing: P-256 / ES256 (private_key_jwt client assertions). Encryption:
+    ``enc_curve`` (X25519 default, or P-256) with ECDH-ES+A256KW. Returns
+    ``(sig_private, sig_jwks, enc_private, enc_jwks)`` paths; private files are 0600,
+    and no existing file is ever overwritten.
+    """
+    if not _AGENCY_NAME.fullmatch(name):
+        raise ValueError("name must be 1-64 characters of letters, digits, '.', '_' or '-'")
+    out_dir = Path(out_dir)
+    paths = (
+        out_dir / f"{name}.sig.private.jwk.json",
+        out_dir / f"{name}.sig.jwks.json",
+        out_dir / f"{name}.enc.private.jwk.json",
+        out_dir / f"{name}.enc.jwks.json",
+    )
+    existing = [str(p) for p in paths if p.exists()]
+    if existing:
+        raise FileExistsError(f"refusing to overwrite existing key files: {', '.join(existing)}")
+
+    sig_key = _new_ec_signing_key()
+    enc_key: ECKey | OKPKey
+    if enc_curve == "X25519":
+        enc_key = OKPKey.generate_key("X25519")
+    elif enc_curve == "P-256":
+        enc_key = ECKey.generate_key("P-256")
+    else:
+        raise ValueError("enc_curve must be 'X25519' or 'P-256'")
+    enc_key = _with_params(enc_key, use="enc", alg=ENC_ALG)
+
+    out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    contents = (
+        (_jwk_bytes(sig_key, private=True), 0o600),
+        (_jwks_bytes(sig_key), 0o644),
+        (_jwk_bytes(enc_key, private=True), 0o600),
+        (_jwks_bytes(enc_key), 0o644),
+    )
+    for path, (data, mode) in zip(paths, contents, strict=True):
+        if not _write_new_file(path, data, mode):
+            raise FileExistsError(f"refusing to overwrite existing key file: {path}")
+    return paths
+
+
+def generate_p256_enc_keys(out_dir: Path, name: str) -> tuple[Path, Path, Path, Path]:
+    """``generate_agency_keys`` with a P-256 encryption key, for stacks without X25519."""
+    return generate_agency_keys(out_dir, name, enc_curve="P-256")
+
+
+def _with_params(key: ECKey | OKPKey, *, use: str, alg: str) -> ECKey | OKPKey:
+    data = dict(key.as_dict(private=True))
+    public: dict[str, Any] = {k: data[k] for k in ("kty", "crv", "x", "y") if k in data}
+    data.update({"kid": thumbprint(public), "use": use, "alg": alg})
+    if isinstance(key, ECKey):
+        return ECKey.import_key(data)
+    return OKPKey.import_key(data)
+
+
+def _jwks_bytes(key: ECKey | OKPKey) -> bytes:
+    jwks = {"keys": [dict(key.as_dict(private=False))]}
+    return orjson.dumps(jwks, option=orjson.OPT_INDENT_2) + b"\n"

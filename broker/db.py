@@ -1,0 +1,60 @@
+"""Engine construction and the request-scoped session.
+
+The request owns the transaction: ``get_session`` opens it and commits when the
+handler returns (before the response is sent, see ``scope="function"`` in
+``SessionDep``) or rolls back on any exception. Services only ``flush()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from sqlalchemy import event
+from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from broker.errors import Conflict, ServiceUnavailable
+
+
+def _sqlite_on_connect(dbapi_conn: DBAPIConnection, _: ConnectionPoolEntry) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def make_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
+    if database_url.startswith("sqlite"):
+        engine = create_async_engine(database_url, connect_args={"timeout": 30}, **kwargs)
+        event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
+        return engine
+    kwargs.setdefault("pool_size", 10)
+    kwargs.setdefault("max_overflow", 10)
+    kwargs.setdefault("pool_pre_ping", True)
+    return create_async_engine(database_url, **kwargs)
+
+
+def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    maker: async_sessionmaker[AsyncSession] = request.app.state.runtime.sessionmaker
+    try:
+        async with maker() as session, session.begin():
+            yield session
+    except IntegrityError:
+        raise Conflict("The change conflicts with data already stored; nothing was changed.") from None
+    except (OperationalError, DBAPIError) as exc:
+        if getattr(exc, "connection_invalidated", False) or isinstance(exc, OperationalError):
+            raise ServiceUnavailable("The database is unavailable; nothing was changed.") from None
+        raise
+
+
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]

@@ -1,0 +1,73 @@
+"""Everything a running broker holds: settings, keys, catalog, database, workers."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated
+
+import httpx
+from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from broker.auth.tokens import AccessTokenVerifier
+from broker.catalog import Catalog, load_catalog
+from broker.crypto.keystore import BrokerKeys
+from broker.db import make_engine, make_sessionmaker
+from broker.settings import Settings
+
+if TYPE_CHECKING:
+    import asyncio
+
+log = logging.getLogger("broker")
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    keys: BrokerKeys
+    catalog: Catalog
+    engine: AsyncEngine
+    sessionmaker: async_sessionmaker[AsyncSession]
+    token_verifier: AccessTokenVerifier
+    http: httpx.AsyncClient
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+def load_keys(settings: Settings) -> BrokerKeys:
+    if settings.environment == "dev":
+        return BrokerKeys.load_or_generate(settings.key_dir)
+    return BrokerKeys.load(settings.key_dir)
+
+
+def build_runtime(settings: Settings) -> Runtime:
+    """Load keys and catalog first: a bad file stops the start before anything serves."""
+    keys = load_keys(settings)
+    catalog = load_catalog(settings.schema_dir, settings.policy_file)
+    engine = make_engine(settings.database_url)
+    http = httpx.AsyncClient(
+        follow_redirects=False,
+        timeout=httpx.Timeout(
+            settings.records_read_timeout,
+            connect=settings.records_connect_timeout,
+        ),
+        limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+        trust_env=False,
+    )
+    return Runtime(
+        settings=settings,
+        keys=keys,
+        catalog=catalog,
+        engine=engine,
+        sessionmaker=make_sessionmaker(engine),
+        token_verifier=AccessTokenVerifier(keys.token_signing, settings.issuer),
+        http=http,
+    )
+
+
+def get_runtime(request: Request) -> Runtime:
+    rt: Runtime = request.app.state.runtime
+    return rt
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]

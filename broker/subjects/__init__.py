@@ -1,0 +1,1 @@
+"""Survivors (subjects) and the agencies' own references to them."""

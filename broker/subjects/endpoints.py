@@ -1,0 +1,54 @@
+"""Routes for subjects (role ``advocate``)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, status
+
+from broker.auth.dependencies import AdvocateCaller
+from broker.db import SessionDep
+from broker.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unauthenticated, error_responses
+from broker.models import SubjectReference
+from broker.runtime import RuntimeDep
+from broker.subjects import service
+from broker.subjects.repository import get_readable_subject
+from broker.subjects.schemas import (
+    ReferenceCreate,
+    ReferenceOut,
+    SubjectCreate,
+    SubjectCreated,
+    SubjectOut,
+)
+
+router = APIRouter(prefix="/v1", tags=["subjects"])
+_ERRORS = error_responses(InvalidRequest, Unauthenticated, Forbidden, NotFound, Conflict)
+
+
+def reference_out(r: SubjectReference) -> ReferenceOut:
+    return ReferenceOut(id=r.id, agency_id=r.agency_id, reference=r.reference, created_at=r.created_at)
+
+
+@router.post("/subjects", status_code=status.HTTP_201_CREATED, responses=_ERRORS)
+async def enrol_subject(
+    caller: AdvocateCaller, session: SessionDep, rt: RuntimeDep, body: SubjectCreate | None = None
+) -> SubjectCreated:
+    subject = await service.enrol(session, rt, caller)
+    return SubjectCreated(subject_id=subject.id, created_at=subject.created_at)
+
+
+@router.get("/subjects/{subject_id}", responses=_ERRORS)
+async def get_subject(subject_id: str, caller: AdvocateCaller, session: SessionDep) -> SubjectOut:
+    subject = await get_readable_subject(session, caller, subject_id)
+    refs = await service.references_of(session, subject.id)
+    return SubjectOut(
+        subject_id=subject.id,
+        enrolled_by_agency_id=subject.enrolled_by_agency_id,
+        created_at=subject.created_at,
+        references=[reference_out(r) for r in refs],
+    )
+
+
+@router.post("/subjects/{subject_id}/references", status_code=status.HTTP_201_CREATED, responses=_ERRORS)
+async def link_reference(
+    subject_id: str, body: ReferenceCreate, caller: AdvocateCaller, session: SessionDep, rt: RuntimeDep
+) -> ReferenceOut:
+    return reference_out(await service.link_reference(session, rt, caller, subject_id, body))

@@ -1,0 +1,74 @@
+"""Enrolling survivors, linking references, erasure by crypto-shredding."""
+
+from __future__ import annotations
+
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from broker.agencies.service import get_agency
+from broker.auth.roles import Principal
+from broker.common.validation import printable
+from broker.crypto.commitment import reference_commitment
+from broker.crypto.datakeys import new_wrapped_data_key
+from broker.errors import Conflict
+from broker.ledger.entries import append_entry
+from broker.models import HeldRecord, Subject, SubjectReference
+from broker.runtime import Runtime
+from broker.subjects.repository import get_readable_subject
+from broker.subjects.schemas import ReferenceCreate
+
+
+async def enrol(session: AsyncSession, rt: Runtime, actor: Principal) -> Subject:
+    subject = Subject(
+        enrolled_by_agency_id=actor.agency_id,
+        wrapped_data_key=new_wrapped_data_key(rt.keys.records_kek),
+    )
+    session.add(subject)
+    await session.flush()
+    await append_entry(
+        session,
+        hmac_key=rt.keys.subject_hmac,
+        entry_type="subject.enrolled",
+        actor=actor,
+        agency_id=actor.agency_id,
+        subject_id=subject.id,
+    )
+    return subject
+
+
+async def link_reference(
+    session: AsyncSession, rt: Runtime, actor: Principal, subject_id: str, data: ReferenceCreate
+) -> SubjectReference:
+    subject = await get_readable_subject(session, actor, subject_id)
+    agency = await get_agency(session, data.agency_id)
+    reference = printable(data.reference, what="reference", max_len=128)
+    taken = await session.scalar(
+        select(SubjectReference.id).where(
+            SubjectReference.agency_id == agency.id, SubjectReference.reference == reference
+        )
+    )
+    if taken is not None:
+        raise Conflict("This agency already uses this reference for a survivor.")
+    ref = SubjectReference(subject_id=subject.id, agency_id=agency.id, reference=reference)
+    session.add(ref)
+    await session.flush()
+    await append_entry(
+        session,
+        hmac_key=rt.keys.subject_hmac,
+        entry_type="subject.reference_linked",
+        actor=actor,
+        agency_id=agency.id,
+        subject_id=subject.id,
+        fields={"reference": reference_commitment(rt.keys.subject_hmac, agency.id, reference)},
+    )
+    return ref
+
+
+async def references_of(session: AsyncSession, subject_id: str) -> list[SubjectReference]:
+    stmt = select(SubjectReference).where(SubjectReference.subject_id == subject_id)
+    return list((await session.execute(stmt.order_by(SubjectReference.created_at))).scalars())
+
+
+async def drop_held_data(session: AsyncSession, subject_id: str) -> None:
+    await session.execute(delete(HeldRecord).where(HeldRecord.subject_id == subject_id))
+    await session.execute(delete(SubjectReference).where(SubjectReference.subject_id == subject_id))

@@ -1,0 +1,190 @@
+"""Test helpers: a small world of agencies, clients and survivors built through the API."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+from joserfc.jwk import ECKey, OKPKey
+
+from broker.agencies.schemas import ClientCreate
+from broker.agencies.service import issue_client
+from broker.auth.roles import Role
+from broker.models import Agency
+from broker.runtime import Runtime
+from broker.sdk import BrokerClient
+
+BASE_URL = "http://broker.test"
+
+
+def sig_keypair(curve: str = "P-256") -> tuple[dict[str, Any], dict[str, Any]]:
+    key: ECKey | OKPKey = (
+        OKPKey.generate_key("Ed25519", auto_kid=True)
+        if curve == "Ed25519"
+        else ECKey.generate_key("P-256", auto_kid=True)
+    )
+    private = key.as_dict(private=True)
+    public = key.as_dict(private=False)
+    public["use"] = "sig"
+    return private, {"keys": [public]}
+
+
+def enc_keypair(curve: str = "X25519") -> tuple[dict[str, Any], dict[str, Any]]:
+    key: ECKey | OKPKey = (
+        OKPKey.generate_key("X25519", auto_kid=True)
+        if curve == "X25519"
+        else ECKey.generate_key("P-256", auto_kid=True)
+    )
+    private = key.as_dict(private=True)
+    public = key.as_dict(private=False)
+    public["use"] = "enc"
+    public["alg"] = "ECDH-ES+A256KW"
+    return private, {"keys": [public]}
+
+
+def attestation(method: str = "written") -> dict[str, Any]:
+    return {
+        "method": method,
+        "signed_at": (datetime.now(UTC) - timedelta(minutes=5)).isoformat(),
+        "document_sha256": hashlib.sha256(b"signed consent form").hexdigest(),
+    }
+
+
+def in_days(days: float) -> str:
+    return (datetime.now(UTC) + timedelta(days=days)).isoformat()
+
+
+@dataclass
+class AgencyHandle:
+    id: str
+    name: str
+    enc_private: dict[str, Any]
+    enc_jwks: dict[str, Any]
+
+
+@dataclass
+class World:
+    app: FastAPI
+    http: httpx.AsyncClient
+    tmp: Path
+    admin: BrokerClient | None = None
+    ops_agency_id: str = ""
+    clients: list[BrokerClient] = field(default_factory=list)
+
+    @property
+    def rt(self) -> Runtime:
+        rt: Runtime = self.app.state.runtime
+        return rt
+
+    def client_for(self, client_id: str, private_jwk: dict[str, Any]) -> BrokerClient:
+        c = BrokerClient(BASE_URL, client_id, private_jwk, http=self.http)
+        self.clients.append(c)
+        return c
+
+    async def bootstrap(self) -> None:
+        """The first admin is made from the shell (no API caller yet), as the CLI does."""
+        private, public = sig_keypair()
+        async with self.rt.sessionmaker() as session, session.begin():
+            ops = Agency(name="Broker operations", kind="oversight", encryption_jwks={"keys": []})
+            session.add(ops)
+            await session.flush()
+            client = await issue_client(
+                session, self.rt, None,
+                ClientCreate(agency_id=ops.id, role=Role.admin, name="ops", jwks=public),
+            )
+            self.ops_agency_id = ops.id
+            admin_id = client.id
+        self.admin = self.client_for(admin_id, private)
+
+    async def agency(
+        self,
+        name: str = "Harbor House",
+        kind: str = "shelter",
+        *,
+        enc_curve: str = "X25519",
+        records_endpoint: str | None = None,
+        webhook_url: str | None = None,
+    ) -> AgencyHandle:
+        assert self.admin is not None
+        enc_private, enc_jwks = enc_keypair(enc_curve)
+        resp = await self.admin.post(
+            "/v1/agencies",
+            json={
+                "name": name,
+                "kind": kind,
+                "encryption_jwks": enc_jwks,
+                "records_endpoint": records_endpoint,
+                "webhook_url": webhook_url,
+            },
+        )
+        assert resp.status_code == 201, resp.text
+        return AgencyHandle(resp.json()["id"], name, enc_private, resp.json()["encryption_jwks"])
+
+    async def client(self, agency_id: str, role: str, name: str = "client") -> BrokerClient:
+        assert self.admin is not None
+        private, public = sig_keypair()
+        resp = await self.admin.post(
+            "/v1/clients", json={"agency_id": agency_id, "role": role, "name": name, "jwks": public}
+        )
+        assert resp.status_code == 201, resp.text
+        return self.client_for(resp.json()["client_id"], private)
+
+    async def subject(self, advocate: BrokerClient, refs: dict[str, str] | None = None) -> str:
+        resp = await advocate.post("/v1/subjects", json={})
+        assert resp.status_code == 201, resp.text
+        subject_id: str = resp.json()["subject_id"]
+        for agency_id, ref in (refs or {}).items():
+            r = await advocate.post(
+                f"/v1/subjects/{subject_id}/references", json={"agency_id": agency_id, "reference": ref}
+            )
+            assert r.status_code == 201, r.text
+        return subject_id
+
+    async def grant(self, advocate: BrokerClient, **terms: Any) -> dict[str, Any]:
+        resp = await advocate.post("/v1/consents", json=consent_body(**terms))
+        assert resp.status_code == 201, resp.text
+        body: dict[str, Any] = resp.json()
+        return body
+
+
+def consent_body(**terms: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "fields": {"shelter": ["intake_date", "bed_status"]},
+        "purposes": ["safety_planning"],
+        "expires_at": in_days(30),
+        "data_life_days": 30,
+        "max_uses": None,
+        "excluded_client_ids": [],
+        "attestation": attestation(),
+        "reason": "Survivor agreed in writing at intake.",
+    }
+    body.update(terms)
+    return body
+
+
+@dataclass
+class Story:
+    """Story 1's cast: Harbor House (shelter), Eastside PD DV Unit, an advocate."""
+
+    shelter: AgencyHandle
+    police: AgencyHandle
+    advocate: BrokerClient
+    officer: BrokerClient
+    subject_id: str
+    police_ref: str
+
+
+async def story_one(world: World, **shelter_kwargs: Any) -> Story:
+    shelter = await world.agency("Harbor House", "shelter", **shelter_kwargs)
+    police = await world.agency("Eastside Police DV Unit", "law_enforcement")
+    advocate = await world.client(shelter.id, "advocate", "hotline advocate")
+    officer = await world.client(police.id, "agency", "DV unit case system")
+    subject_id = await world.subject(
+        advocate, {police.id: "PD-24-0193", shelter.id: "HH-2024-0042"}
+    )
+    return Story(shelter, police, advocate, officer, subject_id, "PD-24-0193")

@@ -1,0 +1,253 @@
+"""Broker key folder: file modes, round trips, refusals, and agency key generation."""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+from pathlib import Path
+
+import orjson
+import pytest
+from cryptography.hazmat.primitives import serialization
+from joserfc.jwk import ECKey, thumbprint
+
+from broker.crypto.jwks import validate_public_jwks
+from broker.crypto.keystore import (
+    BROKER_KEY_FILES,
+    BrokerKeys,
+    KeyFileInsecure,
+    KeysMissing,
+    generate_agency_keys,
+    generate_p256_enc_keys,
+)
+
+PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def key_dir(tmp_path: Path) -> Path:
+    return tmp_path / "keys"
+
+
+def test_generate_creates_private_files(key_dir: Path) -> None:
+    BrokerKeys.generate(key_dir)
+    assert _mode(key_dir) == 0o700
+    assert sorted(p.name for p in key_dir.iterdir()) == sorted(BROKER_KEY_FILES)
+    for name in BROKER_KEY_FILES:
+        assert _mode(key_dir / name) == 0o600, name
+
+
+def test_generate_tightens_existing_dir(key_dir: Path) -> None:
+    key_dir.mkdir(mode=0o755)
+    os.chmod(key_dir, 0o755)
+    BrokerKeys.generate(key_dir)
+    assert _mode(key_dir) == 0o700
+
+
+def test_generated_file_formats(key_dir: Path) -> None:
+    keys = BrokerKeys.generate(key_dir)
+    for name in ("subject-hmac.key", "records-kek.key"):
+        assert len(base64.b64decode((key_dir / name).read_bytes().strip(), validate=True)) == 32
+    pem = (key_dir / "checkpoint-ed25519.pem").read_bytes()
+    assert pem.startswith(b"-----BEGIN PRIVATE KEY-----")
+    jwk = orjson.loads((key_dir / "token-signing.jwk.json").read_bytes())
+    assert jwk["kty"] == "EC" and jwk["crv"] == "P-256" and "d" in jwk
+    assert jwk["kid"] == keys.token_signing.kid
+
+
+def test_load_roundtrip(key_dir: Path) -> None:
+    generated = BrokerKeys.generate(key_dir)
+    loaded = BrokerKeys.load(key_dir)
+    assert loaded.token_signing.as_dict(private=True) == generated.token_signing.as_dict(
+        private=True
+    )
+    assert loaded.payload_signing.kid == generated.payload_signing.kid
+    assert loaded.subject_hmac == generated.subject_hmac
+    assert loaded.records_kek == generated.records_kek
+    assert len(loaded.subject_hmac) == 32 and len(loaded.records_kek) == 32
+    raw = serialization.Encoding.Raw
+    fmt = serialization.PublicFormat.Raw
+    assert loaded.checkpoint_signing.public_key().public_bytes(
+        raw, fmt
+    ) == generated.checkpoint_signing.public_key().public_bytes(raw, fmt)
+    assert loaded.token_signing.kid != loaded.payload_signing.kid
+    assert loaded.subject_hmac != loaded.records_kek
+
+
+def test_load_missing_lists_files(key_dir: Path) -> None:
+    with pytest.raises(KeysMissing) as info:
+        BrokerKeys.load(key_dir)
+    assert info.value.missing == list(BROKER_KEY_FILES)
+    message = str(info.value)
+    for name in BROKER_KEY_FILES:
+        assert name in message
+    assert "broker keys init" in message
+
+
+def test_load_lists_only_the_missing_file(key_dir: Path) -> None:
+    BrokerKeys.generate(key_dir)
+    (key_dir / "records-kek.key").unlink()
+    with pytest.raises(KeysMissing) as info:
+        BrokerKeys.load(key_dir)
+    assert info.value.missing == ["records-kek.key"]
+
+
+@pytest.mark.parametrize("name", BROKER_KEY_FILES)
+def test_world_readable_key_file_refused(key_dir: Path, name: str) -> None:
+    BrokerKeys.generate(key_dir)
+    os.chmod(key_dir / name, 0o644)
+    with pytest.raises(KeyFileInsecure, match=r"0644.*chmod 600"):
+        BrokerKeys.load(key_dir)
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o620, 0o604, 0o602, 0o610])
+def test_group_or_world_accessible_key_file_refused(key_dir: Path, mode: int) -> None:
+    BrokerKeys.generate(key_dir)
+    os.chmod(key_dir / "records-kek.key", mode)
+    with pytest.raises(KeyFileInsecure, match=f"{mode:04o}"):
+        BrokerKeys.load(key_dir)
+    os.chmod(key_dir / "records-kek.key", 0o400)  # owner-only, even read-only, is fine
+    BrokerKeys.load(key_dir)
+
+
+def test_symlinked_key_file_refused(key_dir: Path, tmp_path: Path) -> None:
+    BrokerKeys.generate(key_dir)
+    target = tmp_path / "elsewhere.key"
+    (key_dir / "records-kek.key").rename(target)
+    (key_dir / "records-kek.key").symlink_to(target)
+    with pytest.raises(KeyFileInsecure):
+        BrokerKeys.load(key_dir)
+
+
+def test_corrupt_key_file_refused_without_echoing_content(key_dir: Path) -> None:
+    BrokerKeys.generate(key_dir)
+    secret_text = "c2VjcmV0LWJ1dC10b28tc2hvcnQ="
+    path = key_dir / "subject-hmac.key"
+    path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, secret_text.encode())
+    os.close(fd)
+    with pytest.raises(ValueError, match="subject-hmac.key") as info:
+        BrokerKeys.load(key_dir)
+    assert secret_text not in str(info.value)
+
+
+def test_generate_does_not_overwrite(key_dir: Path) -> None:
+    first = BrokerKeys.generate(key_dir)
+    before = {name: (key_dir / name).read_bytes() for name in BROKER_KEY_FILES}
+    second = BrokerKeys.generate(key_dir)
+    assert {name: (key_dir / name).read_bytes() for name in BROKER_KEY_FILES} == before
+    assert second.records_kek == first.records_kek
+
+
+def test_generate_fills_only_missing(key_dir: Path) -> None:
+    first = BrokerKeys.generate(key_dir)
+    (key_dir / "payload-signing.jwk.json").unlink()
+    second = BrokerKeys.generate(key_dir)
+    assert second.token_signing.kid == first.token_signing.kid
+    assert second.payload_signing.kid != first.payload_signing.kid
+    assert second.records_kek == first.records_kek
+    assert not [p for p in key_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_load_or_generate_fresh_then_stable(key_dir: Path) -> None:
+    first = BrokerKeys.load_or_generate(key_dir)
+    second = BrokerKeys.load_or_generate(key_dir)
+    assert first.subject_hmac == second.subject_hmac
+
+
+def test_load_or_generate_refuses_partial_set(key_dir: Path) -> None:
+    BrokerKeys.generate(key_dir)
+    (key_dir / "records-kek.key").unlink()
+    with pytest.raises(KeysMissing, match="partial key set"):
+        BrokerKeys.load_or_generate(key_dir)
+    assert not (key_dir / "records-kek.key").exists()
+
+
+def test_repr_has_no_key_material(key_dir: Path) -> None:
+    keys = BrokerKeys.generate(key_dir)
+    text = repr(keys) + str(keys)
+    secrets = [
+        keys.subject_hmac.hex(),
+        base64.b64encode(keys.subject_hmac).decode(),
+        keys.records_kek.hex(),
+        base64.b64encode(keys.records_kek).decode(),
+        str(keys.token_signing.as_dict(private=True)["d"]),
+        str(keys.payload_signing.as_dict(private=True)["d"]),
+        repr(keys.subject_hmac),
+        repr(keys.records_kek),
+    ]
+    for secret in secrets:
+        assert secret not in text
+    assert keys.token_signing.kid is not None and keys.token_signing.kid in text
+
+
+def test_public_jwks_has_no_private_members(key_dir: Path) -> None:
+    keys = BrokerKeys.generate(key_dir)
+    jwks = keys.public_jwks()
+    assert len(jwks["keys"]) == 2
+    for jwk in jwks["keys"]:
+        assert not PRIVATE_MEMBERS & set(jwk)
+        assert jwk["use"] == "sig" and jwk["alg"] == "ES256"
+        assert jwk["kid"] == thumbprint({k: jwk[k] for k in ("kty", "crv", "x", "y")})
+    assert {k["kid"] for k in jwks["keys"]} == {
+        keys.token_signing.kid,
+        keys.payload_signing.kid,
+    }
+    assert validate_public_jwks(jwks, "sig") == jwks
+
+
+@pytest.mark.parametrize("curve", ["X25519", "P-256"])
+def test_generate_agency_keys(tmp_path: Path, curve: str) -> None:
+    out = tmp_path / "agency"
+    paths = generate_agency_keys(out, "shelter-1", enc_curve=curve)  # type: ignore[arg-type]
+    sig_private, sig_jwks, enc_private, enc_jwks = paths
+    assert [p.name for p in paths] == [
+        "shelter-1.sig.private.jwk.json",
+        "shelter-1.sig.jwks.json",
+        "shelter-1.enc.private.jwk.json",
+        "shelter-1.enc.jwks.json",
+    ]
+    assert _mode(sig_private) == 0o600 and _mode(enc_private) == 0o600
+    assert not _mode(sig_jwks) & 0o022 and not _mode(enc_jwks) & 0o022
+
+    sig_pub = validate_public_jwks(orjson.loads(sig_jwks.read_bytes()), "sig")["keys"][0]
+    enc_pub = validate_public_jwks(orjson.loads(enc_jwks.read_bytes()), "enc")["keys"][0]
+    assert (sig_pub["kty"], sig_pub["crv"], sig_pub["alg"]) == ("EC", "P-256", "ES256")
+    expected_kty = "OKP" if curve == "X25519" else "EC"
+    assert (enc_pub["kty"], enc_pub["crv"]) == (expected_kty, curve)
+    assert (enc_pub["use"], enc_pub["alg"]) == ("enc", "ECDH-ES+A256KW")
+    for pub, private_path in ((sig_pub, sig_private), (enc_pub, enc_private)):
+        private = orjson.loads(private_path.read_bytes())
+        assert "d" in private and private["kid"] == pub["kid"]
+        public_members = {k: pub[k] for k in ("kty", "crv", "x", "y") if k in pub}
+        assert pub["kid"] == thumbprint(public_members)
+    assert isinstance(ECKey.import_key(orjson.loads(sig_private.read_bytes())), ECKey)
+
+
+def test_generate_p256_enc_keys(tmp_path: Path) -> None:
+    enc_jwks = generate_p256_enc_keys(tmp_path, "a")[3]
+    assert orjson.loads(enc_jwks.read_bytes())["keys"][0]["crv"] == "P-256"
+
+
+def test_agency_keys_refuse_overwrite(tmp_path: Path) -> None:
+    paths = generate_agency_keys(tmp_path, "a")
+    before = [p.read_bytes() for p in paths]
+    with pytest.raises(FileExistsError):
+        generate_agency_keys(tmp_path, "a")
+    assert [p.read_bytes() for p in paths] == before
+    paths[3].unlink()
+    with pytest.raises(FileExistsError):  # any one existing file blocks the whole set
+        generate_agency_keys(tmp_path, "a")
+    assert not paths[3].exists()
+
+
+@pytest.mark.parametrize("name", ["", "../x", "a/b", ".hidden", "x" * 65])
+def test_agency_keys_refuse_unsafe_names(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ValueError, match="name"):
+        generate_agency_keys(tmp_path, name)
