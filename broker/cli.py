@@ -78,18 +78,22 @@ async def _clients_add(args: argparse.Namespace) -> dict[str, Any]:
     from broker.models import Agency
     from broker.runtime import build_runtime
 
+    jwks = json.loads(Path(args.jwks).read_text())  # noqa: ASYNC240 - before the loop does work
     rt = build_runtime(_settings())
     try:
-        jwks = json.loads(Path(args.jwks).read_text())
         async with rt.sessionmaker() as session, session.begin():
             agency_id = args.agency_id
             if agency_id is None:
-                ops = Agency(name="Broker operations", kind="oversight", encryption_jwks={"keys": []})
+                ops = Agency(
+                    name="Broker operations", kind="oversight", encryption_jwks={"keys": []}
+                )
                 session.add(ops)
                 await session.flush()
                 agency_id = ops.id
             client = await issue_client(
-                session, rt, None,
+                session,
+                rt,
+                None,
                 ClientCreate(agency_id=agency_id, role=Role(args.role), name=args.name, jwks=jwks),
             )
             return {"client_id": client.id, "agency_id": agency_id, "role": client.role}
@@ -134,7 +138,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_ledger_verify(args: argparse.Namespace) -> int:
     from broker.ledger.cli import verify_command
 
-    return verify_command(args)
+    return int(verify_command(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     kg.add_argument("--enc-curve", choices=["X25519", "P-256"], default="X25519")
     kg.set_defaults(func=cmd_keys_generate)
 
-    c = sub.add_parser("clients", help="credentials").add_subparsers(dest="clients_cmd", required=True)
+    c = sub.add_parser("clients", help="credentials").add_subparsers(
+        dest="clients_cmd", required=True
+    )
     ca = c.add_parser("add", help="issue a client from the shell (bootstrap the first admin)")
     ca.add_argument("--role", required=True, choices=["admin", "agency", "advocate", "auditor"])
     ca.add_argument("--name", required=True)
@@ -180,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", default="./var/demo")
     d.set_defaults(func=cmd_demo)
 
-    lg = sub.add_parser("ledger", help="ledger tools").add_subparsers(dest="ledger_cmd", required=True)
+    lg = sub.add_parser("ledger", help="ledger tools").add_subparsers(
+        dest="ledger_cmd", required=True
+    )
     lv = lg.add_parser("verify", help="verify a ledger export offline (or fetch it from a broker)")
     lv.add_argument("export", nargs="?", help="JSONL export file, or - for stdin")
     lv.add_argument("--vkey", help="note verifier key text, or @FILE")
@@ -196,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        rc: int = args.func(args)
+        rc = int(args.func(args))
     except KeyboardInterrupt:
         return 130
     except (FileExistsError, FileNotFoundError, ValueError, RuntimeError) as exc:

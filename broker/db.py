@@ -14,7 +14,12 @@ from fastapi import Depends, Request
 from sqlalchemy import event
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from broker.errors import Conflict, ServiceUnavailable
@@ -50,7 +55,9 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
         async with maker() as session, session.begin():
             yield session
     except IntegrityError:
-        raise Conflict("The change conflicts with data already stored; nothing was changed.") from None
+        raise Conflict(
+            "The change conflicts with data already stored; nothing was changed."
+        ) from None
     except (OperationalError, DBAPIError) as exc:
         if getattr(exc, "connection_invalidated", False) or isinstance(exc, OperationalError):
             raise ServiceUnavailable("The database is unavailable; nothing was changed.") from None

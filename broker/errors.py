@@ -126,7 +126,9 @@ class OAuthError(BrokerError):
         self.status_code = status_code
 
 
-def problem_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+def problem_response(
+    status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> Response:
     return Response(
         content=orjson.dumps(body),
         status_code=status,
@@ -158,7 +160,11 @@ _HTTP_SLUGS = {
 def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     # Only location and message: pydantic's ``input`` may hold personal data.
     return [
-        {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": e.get("type")}
+        {
+            "loc": [str(p) for p in e.get("loc", ())],
+            "msg": str(e.get("msg", "")),
+            "type": e.get("type"),
+        }
         for e in exc.errors()[:50]
     ]
 
@@ -166,7 +172,9 @@ def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BrokerError)
     async def _broker_error(_: Request, exc: BrokerError) -> Response:
-        headers = {"WWW-Authenticate": 'Bearer error="invalid_token"'} if exc.status_code == 401 else None
+        headers = (
+            {"WWW-Authenticate": 'Bearer error="invalid_token"'} if exc.status_code == 401 else None
+        )
         if isinstance(exc, OAuthError):
             headers = {"Cache-Control": "no-store"}
         return problem_response(exc.status_code, exc.to_problem(), headers)
@@ -181,15 +189,23 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> Response:
         slug, title = _HTTP_SLUGS.get(exc.status_code, ("http-error", "HTTP error"))
-        body = {"type": PROBLEM_BASE + slug, "title": title, "status": exc.status_code,
-                "detail": exc.detail if isinstance(exc.detail, str) else title}
+        body = {
+            "type": PROBLEM_BASE + slug,
+            "title": title,
+            "status": exc.status_code,
+            "detail": exc.detail if isinstance(exc.detail, str) else title,
+        }
         return problem_response(exc.status_code, body, dict(exc.headers or {}))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> Response:
         log.error("unhandled error: %s", type(exc).__name__)
-        body = {"type": PROBLEM_BASE + "internal", "title": "Internal error", "status": 500,
-                "detail": "The broker could not complete the request; nothing was disclosed."}
+        body = {
+            "type": PROBLEM_BASE + "internal",
+            "title": "Internal error",
+            "status": 500,
+            "detail": "The broker could not complete the request; nothing was disclosed.",
+        }
         return problem_response(500, body)
 
 

@@ -31,7 +31,7 @@ def make_client_assertion(
     """A single-use assertion: ``iss``=``sub``=client id, ``aud``=token endpoint, short ``exp``."""
     key: ECKey | OKPKey
     if private_jwk.get("kty") == "OKP":
-        key, alg = OKPKey.import_key(private_jwk), "EdDSA"
+        key, alg = OKPKey.import_key(private_jwk), "Ed25519"  # RFC 9864 fully-specified name
     else:
         key, alg = ECKey.import_key(private_jwk), "ES256"
     now = int(time.time())

@@ -28,7 +28,9 @@ from broker.migrate import upgrade
 from broker.settings import Settings
 from tests.support import World
 
-PG_ADMIN_DSN = os.environ.get("BROKER_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN_DSN = os.environ.get(
+    "BROKER_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 REQUIRE_PG = os.environ.get("BROKER_TEST_REQUIRE_POSTGRES") == "1"
 BASE_URL = "http://broker.test"
 
@@ -161,3 +163,16 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     terminalreporter.write_line(f"PostgreSQL-backed tests passed: {_pg_state['passed']}")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``postgres_only`` tests are not collected for SQLite at all (deselected, not skipped)."""
+    keep, drop = [], []
+    for item in items:
+        if item.get_closest_marker("postgres_only") and "[sqlite" in item.nodeid:
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

@@ -94,7 +94,9 @@ class World:
             session.add(ops)
             await session.flush()
             client = await issue_client(
-                session, self.rt, None,
+                session,
+                self.rt,
+                None,
                 ClientCreate(agency_id=ops.id, role=Role.admin, name="ops", jwks=public),
             )
             self.ops_agency_id = ops.id
@@ -140,7 +142,8 @@ class World:
         subject_id: str = resp.json()["subject_id"]
         for agency_id, ref in (refs or {}).items():
             r = await advocate.post(
-                f"/v1/subjects/{subject_id}/references", json={"agency_id": agency_id, "reference": ref}
+                f"/v1/subjects/{subject_id}/references",
+                json={"agency_id": agency_id, "reference": ref},
             )
             assert r.status_code == 201, r.text
         return subject_id

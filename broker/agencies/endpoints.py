@@ -15,7 +15,14 @@ from broker.agencies.schemas import (
 )
 from broker.auth.dependencies import AdminCaller
 from broker.db import SessionDep
-from broker.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unauthenticated, error_responses
+from broker.errors import (
+    Conflict,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    Unauthenticated,
+    error_responses,
+)
 from broker.models import Agency, Client
 from broker.runtime import RuntimeDep
 
@@ -25,16 +32,27 @@ _ERRORS = error_responses(InvalidRequest, Unauthenticated, Forbidden, NotFound, 
 
 def agency_out(a: Agency) -> AgencyOut:
     return AgencyOut(
-        id=a.id, name=a.name, kind=a.kind, status=a.status, encryption_jwks=a.encryption_jwks,  # type: ignore[arg-type]
-        records_endpoint=a.records_endpoint, webhook_url=a.webhook_url,
-        created_at=a.created_at, updated_at=a.updated_at,
+        id=a.id,
+        name=a.name,
+        kind=a.kind,
+        status=a.status,
+        encryption_jwks=a.encryption_jwks,
+        records_endpoint=a.records_endpoint,
+        webhook_url=a.webhook_url,
+        created_at=a.created_at,
+        updated_at=a.updated_at,
     )
 
 
 def client_out(c: Client) -> ClientOut:
     return ClientOut(
-        client_id=c.id, agency_id=c.agency_id, role=c.role, name=c.name,  # type: ignore[arg-type]
-        status=c.status, created_at=c.created_at, withdrawn_at=c.withdrawn_at,
+        client_id=c.id,
+        agency_id=c.agency_id,
+        role=c.role,
+        name=c.name,
+        status=c.status,
+        created_at=c.created_at,
+        withdrawn_at=c.withdrawn_at,
     )
 
 

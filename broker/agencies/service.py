@@ -44,7 +44,9 @@ async def register_agency(
         records_endpoint=check_endpoint_url(
             data.records_endpoint, what="records_endpoint", allow_plain_http=allow_http
         ),
-        webhook_url=check_endpoint_url(data.webhook_url, what="webhook_url", allow_plain_http=allow_http),
+        webhook_url=check_endpoint_url(
+            data.webhook_url, what="webhook_url", allow_plain_http=allow_http
+        ),
     )
     session.add(agency)
     await session.flush()
@@ -121,7 +123,9 @@ async def issue_client(
     return client
 
 
-async def withdraw_client(session: AsyncSession, rt: Runtime, actor: Principal, client_id: str) -> Client:
+async def withdraw_client(
+    session: AsyncSession, rt: Runtime, actor: Principal, client_id: str
+) -> Client:
     client = await session.get(Client, client_id)
     if client is None:
         raise NotFound("No client with this id.")
@@ -141,4 +145,3 @@ async def withdraw_client(session: AsyncSession, rt: Runtime, actor: Principal, 
 
 async def list_agencies(session: AsyncSession) -> list[Agency]:
     return list((await session.execute(select(Agency).order_by(Agency.created_at))).scalars())
-

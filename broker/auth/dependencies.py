@@ -19,7 +19,7 @@ async def current_principal(request: Request, session: SessionDep) -> Principal:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token or len(token) > 4096:
         raise Unauthenticated("A bearer access token is required.")
-    principal = request.app.state.runtime.token_verifier.verify(token.strip())
+    principal: Principal = request.app.state.runtime.token_verifier.verify(token.strip())
     row = (
         await session.execute(
             select(Client.status, Agency.status)
@@ -51,4 +51,6 @@ AdminCaller = Annotated[Principal, Depends(require(Role.admin, scope="agencies:m
 AdvocateCaller = Annotated[Principal, Depends(require(Role.advocate, scope="consents:manage"))]
 AgencyCaller = Annotated[Principal, Depends(require(Role.agency, scope="disclosures:request"))]
 AuditorCaller = Annotated[Principal, Depends(require(Role.auditor, scope="ledger:read"))]
-ReceiptReader = Annotated[Principal, Depends(require(Role.agency, Role.auditor, scope="receipts:read"))]
+ReceiptReader = Annotated[
+    Principal, Depends(require(Role.agency, Role.auditor, scope="receipts:read"))
+]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Form, Request
 import orjson
+from fastapi import APIRouter, Form, Request
 from starlette.responses import Response
 
 from broker.auth.assertions import ASSERTION_TYPE, SIGNING_ALGORITHMS, authenticate_client
@@ -32,7 +32,9 @@ async def token(
     client_id: Annotated[str | None, Form(max_length=64)] = None,
 ) -> Response:
     if grant_type != "client_credentials":
-        raise OAuthError("unsupported_grant_type", "Only grant_type=client_credentials is supported.")
+        raise OAuthError(
+            "unsupported_grant_type", "Only grant_type=client_credentials is supported."
+        )
     if client_assertion_type != ASSERTION_TYPE or not client_assertion:
         raise OAuthError(
             "invalid_client",
@@ -65,8 +67,12 @@ async def token(
         scopes=granted,
         lifetime=rt.settings.token_lifetime_seconds,
     )
-    body = {"access_token": access_token, "token_type": "Bearer", "expires_in": lifetime,
-            "scope": " ".join(granted)}
+    body = {
+        "access_token": access_token,
+        "token_type": "Bearer",
+        "expires_in": lifetime,
+        "scope": " ".join(granted),
+    }
     return Response(
         orjson.dumps(body),
         media_type="application/json",

@@ -22,7 +22,7 @@ from joserfc.jwk import ECKey
 from broker.auth.roles import ROLE_SCOPES, Principal, Role
 from broker.errors import Unauthenticated
 
-ACCESS_TOKEN_TYP = "at+jwt"  # RFC 9068
+ACCESS_TOKEN_TYP = "at+jwt"  # noqa: S105 - RFC 9068 media type, not a secret
 
 
 def issue_access_token(

@@ -36,7 +36,7 @@ def check_endpoint_url(url: str | None, *, what: str, allow_plain_http: bool) ->
 def printable(value: str, *, what: str, max_len: int) -> str:
     value = value.strip()
     if not value or len(value) > max_len:
-        raise InvalidRequest(f"{what} must be 1–{max_len} characters.")
+        raise InvalidRequest(f"{what} must be 1 to {max_len} characters.")
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
         raise InvalidRequest(f"{what} must not contain control characters.")
     return value

@@ -18,7 +18,14 @@ from broker.consent.schemas import (
     ConsentVersionOut,
 )
 from broker.db import SessionDep
-from broker.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unauthenticated, error_responses
+from broker.errors import (
+    Conflict,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    Unauthenticated,
+    error_responses,
+)
 from broker.models import ConsentGrant, ConsentVersion
 from broker.runtime import RuntimeDep
 
@@ -26,7 +33,9 @@ router = APIRouter(prefix="/v1/consents", tags=["consents"])
 _ERRORS = error_responses(InvalidRequest, Unauthenticated, Forbidden, NotFound, Conflict)
 
 
-def version_out(head: ConsentGrant, v: ConsentVersion, now: datetime | None = None) -> ConsentVersionOut:
+def version_out(
+    head: ConsentGrant, v: ConsentVersion, now: datetime | None = None
+) -> ConsentVersionOut:
     return ConsentVersionOut(
         id=head.id,
         version=v.version,
@@ -51,7 +60,9 @@ def version_out(head: ConsentGrant, v: ConsentVersion, now: datetime | None = No
 
 def consent_out(head: ConsentGrant, v: ConsentVersion, entry: str | None = None) -> ConsentOut:
     base = version_out(head, v).model_dump()
-    return ConsentOut(**base, latest_version=head.latest_version, uses=head.uses, ledger_entry=entry)
+    return ConsentOut(
+        **base, latest_version=head.latest_version, uses=head.uses, ledger_entry=entry
+    )
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, responses=_ERRORS)
@@ -74,7 +85,9 @@ async def revise_consent(
 
 
 @router.get("/{grant_id}/versions", responses=_ERRORS)
-async def consent_history(grant_id: str, caller: AdvocateCaller, session: SessionDep) -> ConsentHistory:
+async def consent_history(
+    grant_id: str, caller: AdvocateCaller, session: SessionDep
+) -> ConsentHistory:
     versions = await service.history(session, caller, grant_id)
     head, _ = await service.get_grant(session, caller, grant_id)
     return ConsentHistory(id=grant_id, versions=[version_out(head, v) for v in versions])
@@ -91,7 +104,11 @@ async def consent_version(
 
 
 async def _lifecycle(
-    change: str, grant_id: str, body: ConsentLifecycle, caller: AdvocateCaller, session: SessionDep,
+    change: str,
+    grant_id: str,
+    body: ConsentLifecycle,
+    caller: AdvocateCaller,
+    session: SessionDep,
     rt: RuntimeDep,
 ) -> ConsentOut:
     return consent_out(*await service.change_status(session, rt, caller, grant_id, change, body))
@@ -99,20 +116,32 @@ async def _lifecycle(
 
 @router.post("/{grant_id}/pause", responses=_ERRORS)
 async def pause_consent(
-    grant_id: str, body: ConsentLifecycle, caller: AdvocateCaller, session: SessionDep, rt: RuntimeDep
+    grant_id: str,
+    body: ConsentLifecycle,
+    caller: AdvocateCaller,
+    session: SessionDep,
+    rt: RuntimeDep,
 ) -> ConsentOut:
     return await _lifecycle("paused", grant_id, body, caller, session, rt)
 
 
 @router.post("/{grant_id}/resume", responses=_ERRORS)
 async def resume_consent(
-    grant_id: str, body: ConsentLifecycle, caller: AdvocateCaller, session: SessionDep, rt: RuntimeDep
+    grant_id: str,
+    body: ConsentLifecycle,
+    caller: AdvocateCaller,
+    session: SessionDep,
+    rt: RuntimeDep,
 ) -> ConsentOut:
     return await _lifecycle("resumed", grant_id, body, caller, session, rt)
 
 
 @router.post("/{grant_id}/revoke", responses=_ERRORS)
 async def revoke_consent(
-    grant_id: str, body: ConsentLifecycle, caller: AdvocateCaller, session: SessionDep, rt: RuntimeDep
+    grant_id: str,
+    body: ConsentLifecycle,
+    caller: AdvocateCaller,
+    session: SessionDep,
+    rt: RuntimeDep,
 ) -> ConsentOut:
     return await _lifecycle("revoked", grant_id, body, caller, session, rt)

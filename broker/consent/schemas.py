@@ -20,8 +20,10 @@ class Attestation(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: AttestationMethod
     signed_at: AwareDatetime
-    document_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 (lowercase hex) "
-                                 "of the signed form, recording or call note")
+    document_sha256: str = Field(
+        pattern=r"^[0-9a-f]{64}$",
+        description="SHA-256 (lowercase hex) of the signed form, recording or call note",
+    )
 
 
 class _In(BaseModel):

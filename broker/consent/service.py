@@ -113,11 +113,15 @@ async def _check_excluded(session: AsyncSession, ids: list[str], recipient: str)
     _unique(ids, "excluded_client_ids")
     if not ids:
         return []
-    rows = (await session.execute(select(Client.id, Client.agency_id).where(Client.id.in_(ids)))).all()
+    rows = (
+        await session.execute(select(Client.id, Client.agency_id).where(Client.id.in_(ids)))
+    ).all()
     found = {r[0]: r[1] for r in rows}
     for cid in ids:
         if found.get(cid) != recipient:
-            raise InvalidRequest(f"excluded_client_ids: '{cid}' is not a client of the recipient agency.")
+            raise InvalidRequest(
+                f"excluded_client_ids: '{cid}' is not a client of the recipient agency."
+            )
     return sorted(ids)
 
 
@@ -147,7 +151,11 @@ async def _validated_terms(
 
 def _attestation(value: ConsentLifecycle | ConsentTerms) -> dict[str, Any]:
     a = value.attestation
-    return {"method": a.method.value, "signed_at": iso_now(a.signed_at), "document_sha256": a.document_sha256}
+    return {
+        "method": a.method.value,
+        "signed_at": iso_now(a.signed_at),
+        "document_sha256": a.document_sha256,
+    }
 
 
 async def _write_version(
@@ -275,7 +283,17 @@ async def revise(
     status = "paused" if latest.status == "paused" else "active"
     assert head.subject_id is not None
     version, entry = await _write_version(
-        session, rt, actor, head, head.subject_id, latest.version + 1, "revised", status, terms, data, now
+        session,
+        rt,
+        actor,
+        head,
+        head.subject_id,
+        latest.version + 1,
+        "revised",
+        status,
+        terms,
+        data,
+        now,
     )
     return head, version, entry
 
@@ -309,15 +327,28 @@ async def change_status(
             raise Conflict("This grant has expired; revise it with a new term instead.")
     assert head.subject_id is not None
     version, entry = await _write_version(
-        session, rt, actor, head, head.subject_id, latest.version + 1, change, new_status,
-        _terms_of(latest), data, now,
+        session,
+        rt,
+        actor,
+        head,
+        head.subject_id,
+        latest.version + 1,
+        change,
+        new_status,
+        _terms_of(latest),
+        data,
+        now,
     )
     return head, version, entry
 
 
 async def history(session: AsyncSession, actor: Principal, grant_id: str) -> list[ConsentVersion]:
     head, _ = await get_grant(session, actor, grant_id)
-    stmt = select(ConsentVersion).where(ConsentVersion.grant_id == head.id).order_by(ConsentVersion.version)
+    stmt = (
+        select(ConsentVersion)
+        .where(ConsentVersion.grant_id == head.id)
+        .order_by(ConsentVersion.version)
+    )
     return list((await session.execute(stmt)).scalars())
 
 

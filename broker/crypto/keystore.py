@@ -74,7 +74,7 @@ class KeysMissing(RuntimeError):
         self.key_dir = key_dir
         self.missing = missing
         message = f"broker key files missing in {key_dir}: {', '.join(missing)}. " + (
-            hint or f"Create them with `broker keys init --key-dir {key_dir}`."
+            hint or f"Create them with `BROKER_KEY_DIR={key_dir} broker keys init`."
         )
         super().__init__(message)
 
@@ -87,11 +87,15 @@ class KeyFileInsecure(PermissionError):
 
 
 def _read_key_file(path: Path) -> bytes:
-    """Read a key file, refusing symlinks and modes that let others read or write it."""
+    """Read a key file, refusing modes that let group or others read or write it.
+
+    Symlinks are followed (secret mounts use them) but the mode check is made on the
+    opened file itself, so a link cannot hide a readable target.
+    """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
-        raise KeyFileInsecure(f"cannot open key file {path} safely ({exc.strerror})") from None
+        raise KeyFileInsecure(f"cannot open key file {path} ({exc.strerror})") from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -287,7 +291,7 @@ class BrokerKeys:
                     key_dir,
                     exc.missing,
                     "Refusing to complete a partial key set automatically; restore the "
-                    f"files from backup, or run `broker keys init --key-dir {key_dir}` "
+                    f"files from backup, or run `BROKER_KEY_DIR={key_dir} broker keys init` "
                     "to create only the missing ones.",
                 ) from None
         return cls.generate(key_dir)

@@ -29,7 +29,11 @@ def iso_now(now: datetime | None = None) -> str:
 def actor_of(principal: Principal | None) -> dict[str, str] | None:
     if principal is None:
         return None
-    return {"client_id": principal.client_id, "agency_id": principal.agency_id, "role": principal.role}
+    return {
+        "client_id": principal.client_id,
+        "agency_id": principal.agency_id,
+        "role": principal.role,
+    }
 
 
 async def append_entry(

@@ -18,6 +18,10 @@ the verifier stream stdin once in O(log n) memory: checkpoints are buffered unti
 the tree reaches their size, when the root is compared.  A checkpoint whose size
 was already passed cannot be checked without keeping every prefix root, so it is
 reported as a problem rather than silently skipped.
+
+Parsing, canonicalising and hashing entries dominates the cost and is independent
+per line, so large exports are fanned out in chunks to worker processes while
+the main process keeps the sequential state (tree, indices, checkpoints).
 """
 
 from __future__ import annotations
@@ -25,12 +29,17 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import collections
 import hashlib
+import itertools
 import json
+import multiprocessing
 import os
 import sys
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
 
 from broker.ledger.checkpoint import (
     Checkpoint,
@@ -38,7 +47,7 @@ from broker.ledger.checkpoint import (
     open_checkpoint,
     parse_verifier_key,
 )
-from broker.ledger.merkle import StreamingTree
+from broker.ledger.merkle import EMPTY_ROOT, StreamingTree
 
 __all__ = ["MAX_PROBLEMS", "VerifyReport", "canonical_json", "main", "verify_export"]
 
@@ -152,6 +161,60 @@ def _canonical_parsed(entry: object) -> bytes:
     return canonical_json(entry)
 
 
+# One scan result per line: (kind, value, leaf, problem).  Produced by workers.
+_BLANK, _ENTRY, _CHECKPOINT, _MALFORMED, _UNKNOWN = range(5)
+_Scan = tuple[int, object, bytes | None, str | None]
+_CHUNK = 4096  # lines per worker task
+_AUTO_MAX_WORKERS = 4
+
+
+def _scan_line(raw: str | bytes) -> _Scan:
+    """The per-line, order-independent work: parse, canonicalise, hash, compare."""
+    try:
+        obj = _decode_line(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+    except (ValueError, RecursionError) as exc:
+        if not raw.strip():
+            return (_BLANK, None, None, None)
+        return (_MALFORMED, f"malformed JSON: {exc}", None, None)
+    kind = obj.get("kind") if type(obj) is dict else None
+    if kind == "checkpoint":
+        return (_CHECKPOINT, obj.get("note"), None, None)
+    if kind != "entry":
+        return (_UNKNOWN, None, None, None)
+    index, stored = obj.get("index"), obj.get("leaf_hash")
+    try:
+        entry = obj["entry"]
+        if type(entry) is not dict:
+            raise ValueError("entry is not an object")
+        leaf = hashlib.sha256(b"\x00" + _canonical_parsed(entry)).digest()
+    except (KeyError, ValueError, TypeError) as exc:
+        try:  # keep tree positions aligned so later checkpoints stay meaningful
+            fallback = base64.b64decode(stored, validate=True) if type(stored) is str else b""
+        except (ValueError, binascii.Error):
+            fallback = b""
+        problem = f"cannot be canonicalised: {exc}"
+        return (_ENTRY, index, fallback if len(fallback) == 32 else None, problem)
+    if binascii.b2a_base64(leaf, newline=False).decode("ascii") != stored:
+        return (_ENTRY, index, leaf, "does not match its leaf_hash")
+    return (_ENTRY, index, leaf, None)
+
+
+def _scan_chunk(lines: Sequence[str | bytes] | bytes) -> list[_Scan]:
+    """Scan a chunk given as lines or, cheaper to ship to a worker, as one joined blob."""
+    if isinstance(lines, bytes):
+        lines = lines.split(b"\n")[:-1]
+    return [_scan_line(raw) for raw in lines]
+
+
+def _pack(chunk: list[str | bytes]) -> list[str | bytes] | bytes:
+    """Join newline-terminated byte lines into one blob when that splits back exactly."""
+    if all(type(raw) is bytes and raw.endswith(b"\n") for raw in chunk):
+        blob = b"".join(chunk)  # type: ignore[arg-type]
+        if blob.count(b"\n") == len(chunk):
+            return blob
+    return chunk
+
+
 @dataclass
 class VerifyReport:
     """Outcome of verifying an export; ``ok`` only if ``problems`` is empty."""
@@ -160,13 +223,13 @@ class VerifyReport:
     entries: int
     checkpoints_verified: int
     first_bad_index: int | None
-    problems: list[str] = field(default_factory=list)
-    tree_size: int = 0
-    root_hash: bytes = b""
+    problems: list[str]
+    tree_size: int
+    root_hash: bytes
 
 
 class _Run:
-    """Mutable verification state; split out so the per-line loop stays flat."""
+    """The sequential half of verification: indices, tree, checkpoints, problems."""
 
     def __init__(self, vkey: str, origin: str | None) -> None:
         self.vkey = vkey
@@ -176,6 +239,9 @@ class _Run:
         self.dropped = 0
         self.first_bad: int | None = None
         self.verified = 0
+        self.entries = 0
+        self.expected = 0
+        self.lineno = 0
         self.last_good = 0  # size of the last checkpoint whose root matched
         self.latest = -1  # largest size among validly signed export checkpoints
         self.pending: dict[int, list[tuple[str, Checkpoint, bool]]] = {}
@@ -190,6 +256,41 @@ class _Run:
     def bad(self, index: int) -> None:
         if self.first_bad is None or index < self.first_bad:
             self.first_bad = index
+
+    def apply(self, results: list[_Scan]) -> None:
+        """Fold one chunk of scan results, in line order, into the state."""
+        tree = self.tree
+        for kind, value, leaf, problem in results:
+            self.lineno += 1
+            if kind == _ENTRY:
+                self.entries += 1
+                if type(value) is not int or value != self.expected:
+                    self.index_problem(value)
+                else:
+                    self.expected += 1
+                if problem is not None:
+                    self.problem(f"line {self.lineno}: entry {value!r} {problem}")
+                    self.bad(tree.size)
+                if leaf is not None:
+                    tree.append(leaf)
+                    if tree.size == self.next_size:
+                        self.reached()
+            elif kind == _CHECKPOINT:
+                self.add_checkpoint(f"checkpoint at line {self.lineno}", value)
+            elif kind == _MALFORMED:
+                self.problem(f"line {self.lineno}: {value}")
+                self.bad(self.tree.size)
+            elif kind == _UNKNOWN:
+                self.problem(f"line {self.lineno}: not an entry or checkpoint line")
+
+    def index_problem(self, index: object) -> None:
+        self.bad(self.tree.size)
+        if type(index) is not int:
+            self.problem(f"line {self.lineno}: entry without an integer index")
+            return
+        what = "gap before" if index > self.expected else "duplicate or out-of-order"
+        self.problem(f"line {self.lineno}: {what} index {index} (expected {self.expected})")
+        self.expected = index + 1
 
     def add_checkpoint(self, label: str, note: object, trusted: bool = False) -> None:
         if not isinstance(note, str):
@@ -225,24 +326,64 @@ class _Run:
     def check(self, label: str, cp: Checkpoint, trusted: bool) -> None:
         if cp.root_hash == self.tree.root():
             self.last_good = max(self.last_good, cp.size)
-            if not trusted:
-                self.verified += 1
-            return
-        if self.last_good >= cp.size:
+            self.verified += not trusted
+        elif self.last_good >= cp.size:
             self.problem(
-                f"{label}: root at size {cp.size} differs from another signed checkpoint "
+                f"{label}: root at size {cp.size} conflicts with another signed checkpoint "
                 "of the same or larger size (the log presented a fork)"
             )
-            return
-        self.bad(self.last_good)
-        self.problem(
-            f"{label}: root at size {cp.size} does not match the entries; "
-            f"the bad entry lies in [{self.last_good}, {cp.size})"
+        else:
+            self.bad(self.last_good)
+            self.problem(
+                f"{label}: root at size {cp.size} does not match the entries; "
+                f"the bad entry lies in [{self.last_good}, {cp.size})"
+            )
+
+    def finish(self) -> VerifyReport:
+        size = self.tree.size
+        for _, waiting in sorted(self.pending.items()):
+            for label, cp, trusted in waiting:
+                why = " (log truncated or export incomplete)" if trusted else ""
+                self.problem(f"{label}: size {cp.size} exceeds the export's {size} entries{why}")
+        if self.latest < 0:
+            self.problem("no valid checkpoint in the export: nothing authenticates the entries")
+        elif self.latest < size:
+            self.problem(f"entries [{self.latest}, {size}) are not covered by any checkpoint")
+        if self.dropped:
+            self.problems.append(f"... and {self.dropped} more problems")
+        return VerifyReport(
+            ok=not self.problems,
+            entries=self.entries,
+            checkpoints_verified=self.verified,
+            first_bad_index=self.first_bad,
+            problems=self.problems,
+            tree_size=size,
+            root_hash=self.tree.root(),
         )
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+def _auto_workers() -> int:
+    """Fan out only where fork is the platform default and safe (no other threads)."""
+    if not sys.platform.startswith("linux") or threading.active_count() != 1:
+        return 1
+    return max(1, min(len(os.sched_getaffinity(0)), _AUTO_MAX_WORKERS))
+
+
+def _run_parallel(run: _Run, first: list[str | bytes], rest: Iterable[str | bytes], n: int) -> None:
+    """Scan chunks in ``n`` worker processes, applying results in order with bounded lookahead."""
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    pool = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context(method))
+    inflight: collections.deque[Future[list[_Scan]]] = collections.deque()
+    chunks = itertools.chain([first], iter(lambda: list(itertools.islice(rest, _CHUNK)), []))
+    try:
+        for chunk in chunks:
+            inflight.append(pool.submit(_scan_chunk, _pack(chunk)))
+            if len(inflight) > 2 * n:
+                run.apply(inflight.popleft().result())
+        while inflight:
+            run.apply(inflight.popleft().result())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def verify_export(
@@ -251,99 +392,32 @@ def verify_export(
     *,
     origin: str | None = None,
     trusted_checkpoint: str | None = None,
+    workers: int | None = None,
 ) -> VerifyReport:
     """Verify an export in one streaming pass; never raises on malformed input.
 
     ``trusted_checkpoint`` is a note the auditor saved earlier: the export's
     prefix of that size must hash to its root, proving the log only grew since.
+    ``workers`` > 1 scans lines in that many processes; ``None`` picks a safe
+    default and only fans out once the export exceeds one chunk.
     """
     try:
         parse_verifier_key(vkey)
     except CheckpointError as exc:
-        return VerifyReport(False, 0, 0, None, [f"verifier key: {exc}"], 0, b"")
+        return VerifyReport(False, 0, 0, None, [f"verifier key: {exc}"], 0, EMPTY_ROOT)
     run = _Run(vkey, origin)
     if trusted_checkpoint is not None:
         run.add_checkpoint("trusted checkpoint", trusted_checkpoint, trusted=True)
-    tree = run.tree
-    append = tree.append
-    sha256 = hashlib.sha256
-    b2a = binascii.b2a_base64
-    entries = 0
-    expected = 0
-    for lineno, raw in enumerate(lines, 1):
-        try:
-            obj = _decode_line(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
-        except (ValueError, RecursionError) as exc:
-            if not raw.strip():
-                continue  # blank lines carry nothing
-            run.problem(f"line {lineno}: malformed JSON: {exc}")
-            run.bad(tree.size)
-            continue
-        kind = obj.get("kind") if type(obj) is dict else None
-        if kind == "entry":
-            entries += 1
-            index = obj.get("index")
-            stored = obj.get("leaf_hash")
-            if type(index) is not int:
-                run.problem(f"line {lineno}: entry without an integer index")
-                run.bad(tree.size)
-            elif index != expected:
-                what = "gap before" if index > expected else "duplicate or out-of-order"
-                run.problem(f"line {lineno}: {what} index {index} (expected {expected})")
-                run.bad(tree.size)
-                expected = index + 1
-            else:
-                expected += 1
-            try:
-                entry = obj["entry"]
-                if type(entry) is not dict:
-                    raise ValueError("entry is not an object")
-                leaf = sha256(b"\x00" + _canonical_parsed(entry)).digest()
-            except (KeyError, ValueError, TypeError) as exc:
-                run.problem(f"line {lineno}: entry {index!r} cannot be canonicalised: {exc}")
-                run.bad(tree.size)
-                try:  # keep tree positions aligned so later checkpoints stay meaningful
-                    leaf = base64.b64decode(stored, validate=True) if type(stored) is str else b""
-                except (ValueError, binascii.Error):
-                    leaf = b""
-                if len(leaf) != 32:
-                    continue
-            else:
-                if b2a(leaf, newline=False).decode("ascii") != stored:
-                    run.problem(f"line {lineno}: entry {index!r} does not match its leaf_hash")
-                    run.bad(tree.size)
-            append(leaf)
-            if tree.size == run.next_size:
-                run.reached()
-        elif kind == "checkpoint":
-            run.add_checkpoint(f"checkpoint at line {lineno}", obj.get("note"))
-        else:
-            run.problem(f"line {lineno}: not an entry or checkpoint line")
-    size = tree.size
-    for pending in sorted(run.pending):
-        for label, cp, trusted in run.pending[pending]:
-            if trusted:
-                run.problem(
-                    f"{label}: size {cp.size} exceeds the export's {size} entries "
-                    "(log truncated or export incomplete)"
-                )
-            else:
-                run.problem(f"{label}: size {cp.size} exceeds the export's {size} entries")
-    if run.latest < 0:
-        run.problem("no valid checkpoint in the export: nothing authenticates the entries")
-    elif run.latest < size:
-        run.problem(f"entries [{run.latest}, {size}) are not covered by any checkpoint")
-    if run.dropped:
-        run.problems.append(f"... and {run.dropped} more problems")
-    return VerifyReport(
-        ok=not run.problems,
-        entries=entries,
-        checkpoints_verified=run.verified,
-        first_bad_index=run.first_bad,
-        problems=run.problems,
-        tree_size=size,
-        root_hash=tree.root(),
-    )
+    rest = iter(lines)
+    first = list(itertools.islice(rest, _CHUNK))
+    n = _auto_workers() if workers is None else workers
+    if n > 1 and len(first) == _CHUNK:
+        _run_parallel(run, first, rest, n)
+    else:
+        run.apply(_scan_chunk(first))
+        for chunk in iter(lambda: list(itertools.islice(rest, _CHUNK)), []):
+            run.apply(_scan_chunk(chunk))
+    return run.finish()
 
 
 def _read_text_arg(value: str) -> str:
@@ -364,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vkey", required=True, help="verifier key, or a file holding it")
     parser.add_argument("--checkpoint", help="a signed checkpoint saved by the auditor earlier")
     parser.add_argument("--origin", help="expected log origin line")
+    parser.add_argument("--jobs", type=int, default=None, help="worker processes (default: auto)")
     args = parser.parse_args(argv)
     try:
         vkey = _read_text_arg(args.vkey)
@@ -371,20 +446,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoint:
             with open(args.checkpoint, "rb") as fh:
                 trusted = fh.read().decode("utf-8")
-        if args.export == "-":
+        with open(args.export, "rb") if args.export != "-" else sys.stdin.buffer as fh:
             report = verify_export(
-                sys.stdin.buffer, vkey, origin=args.origin, trusted_checkpoint=trusted
+                fh, vkey, origin=args.origin, trusted_checkpoint=trusted, workers=args.jobs
             )
-        else:
-            with open(args.export, "rb") as fh:
-                report = verify_export(fh, vkey, origin=args.origin, trusted_checkpoint=trusted)
     except (OSError, UnicodeDecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     status = "OK" if report.ok else "FAILED"
+    root = base64.b64encode(report.root_hash).decode("ascii")
     print(
         f"{status}: {report.entries} entries, {report.checkpoints_verified} checkpoints verified, "
-        f"tree size {report.tree_size}, root {_b64(report.root_hash)}"
+        f"tree size {report.tree_size}, root {root}"
     )
     if report.first_bad_index is not None:
         print(f"first bad index: {report.first_bad_index}")

@@ -18,7 +18,9 @@ from broker.models.base import Base, Id, JSONType, UTCDateTime, new_id, utcnow
 
 class ConsentGrant(Base):
     __tablename__ = "consent_grants"
-    __table_args__ = (Index("ix_consent_grants_subject_recipient", "subject_id", "recipient_agency_id"),)
+    __table_args__ = (
+        Index("ix_consent_grants_subject_recipient", "subject_id", "recipient_agency_id"),
+    )
 
     id: Mapped[str] = mapped_column(Id, primary_key=True, default=new_id)
     # Nulled when the survivor is erased, so no row links the grant to her any more.

@@ -6,7 +6,14 @@ from fastapi import APIRouter, status
 
 from broker.auth.dependencies import AdvocateCaller
 from broker.db import SessionDep
-from broker.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unauthenticated, error_responses
+from broker.errors import (
+    Conflict,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    Unauthenticated,
+    error_responses,
+)
 from broker.models import SubjectReference
 from broker.runtime import RuntimeDep
 from broker.subjects import service
@@ -24,7 +31,9 @@ _ERRORS = error_responses(InvalidRequest, Unauthenticated, Forbidden, NotFound, 
 
 
 def reference_out(r: SubjectReference) -> ReferenceOut:
-    return ReferenceOut(id=r.id, agency_id=r.agency_id, reference=r.reference, created_at=r.created_at)
+    return ReferenceOut(
+        id=r.id, agency_id=r.agency_id, reference=r.reference, created_at=r.created_at
+    )
 
 
 @router.post("/subjects", status_code=status.HTTP_201_CREATED, responses=_ERRORS)
@@ -47,8 +56,14 @@ async def get_subject(subject_id: str, caller: AdvocateCaller, session: SessionD
     )
 
 
-@router.post("/subjects/{subject_id}/references", status_code=status.HTTP_201_CREATED, responses=_ERRORS)
+@router.post(
+    "/subjects/{subject_id}/references", status_code=status.HTTP_201_CREATED, responses=_ERRORS
+)
 async def link_reference(
-    subject_id: str, body: ReferenceCreate, caller: AdvocateCaller, session: SessionDep, rt: RuntimeDep
+    subject_id: str,
+    body: ReferenceCreate,
+    caller: AdvocateCaller,
+    session: SessionDep,
+    rt: RuntimeDep,
 ) -> ReferenceOut:
     return reference_out(await service.link_reference(session, rt, caller, subject_id, body))

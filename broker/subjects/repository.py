@@ -10,7 +10,7 @@ from broker.errors import NotFound
 from broker.models import Subject
 
 
-def readable_subjects(principal: Principal) -> Select[tuple[Subject]]:
+def readable_subjects(principal: Principal) -> Select[Subject]:
     return select(Subject).where(
         Subject.enrolled_by_agency_id == principal.agency_id, Subject.erased_at.is_(None)
     )

@@ -115,12 +115,14 @@ def test_group_or_world_accessible_key_file_refused(key_dir: Path, mode: int) ->
     BrokerKeys.load(key_dir)
 
 
-def test_symlinked_key_file_refused(key_dir: Path, tmp_path: Path) -> None:
-    BrokerKeys.generate(key_dir)
+def test_symlinked_key_file_checked_at_target(key_dir: Path, tmp_path: Path) -> None:
+    keys = BrokerKeys.generate(key_dir)
     target = tmp_path / "elsewhere.key"
     (key_dir / "records-kek.key").rename(target)
     (key_dir / "records-kek.key").symlink_to(target)
-    with pytest.raises(KeyFileInsecure):
+    assert BrokerKeys.load(key_dir).records_kek == keys.records_kek
+    os.chmod(target, 0o644)
+    with pytest.raises(KeyFileInsecure, match="0644"):
         BrokerKeys.load(key_dir)
 
 
