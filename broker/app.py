@@ -77,7 +77,9 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
 
 def _optional_routers() -> list[Any]:
     """Routers of domains added after the foundation; each import is explicit."""
-    routers: list[Any] = []
+    from broker.disclosure.endpoints import router as disclosure_router
+
+    routers: list[Any] = [disclosure_router]
     return routers
 
 

@@ -7,13 +7,14 @@ handler returns (before the response is sent, see ``scope="function"`` in
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from sqlalchemy import event
 from sqlalchemy.engine.interfaces import DBAPIConnection
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -23,6 +24,8 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from broker.errors import Conflict, ServiceUnavailable
+
+log = logging.getLogger("broker.db")
 
 
 def _sqlite_on_connect(dbapi_conn: DBAPIConnection, _: ConnectionPoolEntry) -> None:
@@ -58,10 +61,11 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
         raise Conflict(
             "The change conflicts with data already stored; nothing was changed."
         ) from None
-    except (OperationalError, DBAPIError) as exc:
-        if getattr(exc, "connection_invalidated", False) or isinstance(exc, OperationalError):
-            raise ServiceUnavailable("The database is unavailable; nothing was changed.") from None
-        raise
+    except DBAPIError as exc:
+        # Connection loss, a refused write, a failed commit: the transaction is gone
+        # whole, so the honest answer is "not done, try again" and never a payload.
+        log.warning("database error, transaction rolled back: %s", type(exc.orig).__name__)
+        raise ServiceUnavailable("The database could not record the request; nothing was changed.") from None
 
 
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]

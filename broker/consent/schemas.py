@@ -94,3 +94,22 @@ class ConsentOut(ConsentVersionOut):
 class ConsentHistory(BaseModel):
     id: str
     versions: list[ConsentVersionOut]
+
+
+class NoticeOut(BaseModel):
+    id: str
+    agency_id: str
+    grant_version: int
+    event: str
+    status: str
+    attempts: int
+    last_status: str | None
+    disclosure_ids: list[str]
+    next_attempt_at: datetime
+    created_at: datetime
+    delivered_at: datetime | None
+
+
+class NoticeList(BaseModel):
+    grant_id: str
+    items: list[NoticeOut]

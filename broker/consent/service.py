@@ -22,9 +22,10 @@ from broker.consent.schemas import (
     ConsentStatus,
     ConsentTerms,
 )
+from broker.disclosure.notices import queue_revocation_notices
 from broker.errors import Conflict, InvalidRequest, NotFound
 from broker.ledger.entries import append_entry, iso_now
-from broker.models import Agency, Client, ConsentGrant, ConsentVersion
+from broker.models import Agency, Client, ConsentGrant, ConsentVersion, WebhookDelivery
 from broker.runtime import Runtime
 from broker.subjects.repository import get_readable_subject
 
@@ -313,8 +314,20 @@ async def change_status(
     change: str,
     data: ConsentLifecycle,
 ) -> tuple[ConsentGrant, ConsentVersion, str]:
-    now = datetime.now(UTC)
     head, latest = await get_grant(session, actor, grant_id, lock=True)
+    return await _change_locked(session, rt, actor, head, latest, change, data)
+
+
+async def _change_locked(
+    session: AsyncSession,
+    rt: Runtime,
+    actor: Principal,
+    head: ConsentGrant,
+    latest: ConsentVersion,
+    change: str,
+    data: ConsentLifecycle,
+) -> tuple[ConsentGrant, ConsentVersion, str]:
+    now = datetime.now(UTC)
     allowed_from, new_status = _TRANSITIONS[change]
     if latest.status == "revoked":
         raise Conflict("This grant is revoked; it cannot change any more.")
@@ -360,3 +373,28 @@ async def version_of(
     if version is None:
         raise NotFound(f"Grant {grant_id} has no version {number}.")
     return head, version
+
+
+async def notices(session: AsyncSession, actor: Principal, grant_id: str) -> list[WebhookDelivery]:
+    head, _ = await get_grant(session, actor, grant_id)
+    stmt = select(WebhookDelivery).where(WebhookDelivery.grant_id == head.id)
+    return list((await session.execute(stmt.order_by(WebhookDelivery.created_at))).scalars())
+
+
+async def revoke_all_for_subject(
+    session: AsyncSession, rt: Runtime, actor: Principal, subject_id: str, data: ConsentLifecycle
+) -> int:
+    """Revoke every grant still open for a survivor (used by erasure)."""
+    heads = (
+        await session.execute(
+            select(ConsentGrant).where(ConsentGrant.subject_id == subject_id).with_for_update()
+        )
+    ).scalars().all()
+    revoked = 0
+    for head in heads:
+        latest = await session.get(ConsentVersion, (head.id, head.latest_version))
+        if latest is None or latest.status == "revoked":
+            continue
+        await _change_locked(session, rt, actor, head, latest, "revoked", data)
+        revoked += 1
+    return revoked

@@ -30,6 +30,7 @@ import argparse
 import base64
 import binascii
 import collections
+import contextlib
 import hashlib
 import itertools
 import json
@@ -118,21 +119,27 @@ def canonical_json(obj: object) -> bytes:
 
 
 # --- fast path for parsed export lines -------------------------------------------------
-# json.loads with these hooks can only yield str/int/bool/None/list/dict with safe
-# integers and unique keys, so the C encoder's sort_keys output is already RFC 8785
-# unless a key contains a non-BMP character (code-point vs UTF-16 order); such
-# entries (detectable by a 4-byte UTF-8 sequence) take the pure-Python path.
+# With these hooks a parsed line holds only str/int/bool/None/list/dict with unique
+# keys and safe integers (other numbers become _BadNumber, which the encoder refuses),
+# so the C encoder's sort_keys output is already RFC 8785 unless a key contains a
+# non-BMP character (code-point vs UTF-16 order); such entries (detectable by a
+# 4-byte UTF-8 sequence) take the pure-Python path.
 
 
-def _reject_float(text: str) -> object:
-    raise ValueError(f"non-integer number {text}")
+class _BadNumber:
+    """Stands in for a float or unsafe integer so the line still parses and only the
+    entry holding it is reported (as non-canonicalisable) rather than the whole line."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
 
 
-def _safe_int(text: str) -> int:
-    value = int(text)
-    if len(text) > 15 and not -MAX_SAFE_INT <= value <= MAX_SAFE_INT:
-        raise ValueError(f"integer {text} is outside the I-JSON safe range")
-    return value
+def _safe_int(text: str) -> int | _BadNumber:
+    if len(text) > 15 and not -MAX_SAFE_INT <= int(text) <= MAX_SAFE_INT:
+        return _BadNumber(text)
+    return int(text)
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
@@ -142,14 +149,24 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return obj
 
 
+def _no_bad_numbers(obj: object) -> object:
+    if isinstance(obj, _BadNumber):
+        raise ValueError(f"number {obj.text} is not an I-JSON safe integer")
+    raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
+
+
 _decode_line = json.JSONDecoder(
-    parse_float=_reject_float,
+    parse_float=_BadNumber,
     parse_int=_safe_int,
-    parse_constant=_reject_float,
+    parse_constant=_BadNumber,
     object_pairs_hook=_unique_keys,
 ).decode
 _dump_sorted = json.JSONEncoder(
-    ensure_ascii=False, separators=(",", ":"), sort_keys=True, check_circular=False
+    ensure_ascii=False,
+    separators=(",", ":"),
+    sort_keys=True,
+    check_circular=False,
+    default=_no_bad_numbers,
 ).encode
 
 
@@ -333,7 +350,9 @@ class _Run:
                 "of the same or larger size (the log presented a fork)"
             )
         else:
-            self.bad(self.last_good)
+            bad = self.first_bad
+            if bad is None or not self.last_good <= bad < cp.size:  # else already pinpointed
+                self.bad(self.last_good)
             self.problem(
                 f"{label}: root at size {cp.size} does not match the entries; "
                 f"the bad entry lies in [{self.last_good}, {cp.size})"
@@ -446,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoint:
             with open(args.checkpoint, "rb") as fh:
                 trusted = fh.read().decode("utf-8")
-        with open(args.export, "rb") if args.export != "-" else sys.stdin.buffer as fh:
+        stdin = contextlib.nullcontext(sys.stdin.buffer)
+        with open(args.export, "rb") if args.export != "-" else stdin as fh:
             report = verify_export(
                 fh, vkey, origin=args.origin, trusted_checkpoint=trusted, workers=args.jobs
             )

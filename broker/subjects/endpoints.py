@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 
 from broker.auth.dependencies import AdvocateCaller
+from broker.consent.schemas import ConsentLifecycle
 from broker.db import SessionDep
 from broker.errors import (
     Conflict,
@@ -67,3 +68,12 @@ async def link_reference(
     rt: RuntimeDep,
 ) -> ReferenceOut:
     return reference_out(await service.link_reference(session, rt, caller, subject_id, body))
+
+
+@router.delete("/subjects/{subject_id}", responses=_ERRORS)
+async def erase_subject(
+    subject_id: str, body: ConsentLifecycle, caller: AdvocateCaller, session: SessionDep, rt: RuntimeDep
+) -> dict[str, object]:
+    """Erase a survivor: her grants are revoked and her held records made unreadable."""
+    revoked = await service.erase(session, rt, caller, subject_id, body)
+    return {"subject_id": subject_id, "erased": True, "grants_revoked": revoked}

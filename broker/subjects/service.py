@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from broker.agencies.service import get_agency
 from broker.auth.roles import Principal
 from broker.common.validation import printable
+from broker.consent.schemas import ConsentLifecycle
+from broker.consent.service import revoke_all_for_subject
 from broker.crypto.commitment import reference_commitment
 from broker.crypto.datakeys import new_wrapped_data_key
 from broker.errors import Conflict
 from broker.ledger.entries import append_entry
-from broker.models import HeldRecord, Subject, SubjectReference
+from broker.models import ConsentGrant, Disclosure, HeldRecord, Subject, SubjectReference
 from broker.runtime import Runtime
 from broker.subjects.repository import get_readable_subject
 from broker.subjects.schemas import ReferenceCreate
@@ -69,6 +71,34 @@ async def references_of(session: AsyncSession, subject_id: str) -> list[SubjectR
     return list((await session.execute(stmt.order_by(SubjectReference.created_at))).scalars())
 
 
-async def drop_held_data(session: AsyncSession, subject_id: str) -> None:
-    await session.execute(delete(HeldRecord).where(HeldRecord.subject_id == subject_id))
-    await session.execute(delete(SubjectReference).where(SubjectReference.subject_id == subject_id))
+async def erase(
+    session: AsyncSession, rt: Runtime, actor: Principal, subject_id: str, data: ConsentLifecycle
+) -> int:
+    """Crypto-shred a survivor: revoke her grants, destroy her data key, forget her id.
+
+    The ledger keeps its entries (it must still verify) but the only link to her was
+    the subject id inside an HMAC; with every row holding that id gone, nothing
+    joins those commitments to her any more.
+    """
+    subject = await get_readable_subject(session, actor, subject_id, for_update=True)
+    revoked = await revoke_all_for_subject(session, rt, actor, subject.id, data)
+    await append_entry(
+        session,
+        hmac_key=rt.keys.subject_hmac,
+        entry_type="subject.erased",
+        actor=actor,
+        agency_id=actor.agency_id,
+        subject_id=subject.id,
+        fields={"grants_revoked": revoked},
+    )
+    subject.wrapped_data_key = None
+    await session.flush()
+    await session.execute(delete(HeldRecord).where(HeldRecord.subject_id == subject.id))
+    await session.execute(delete(SubjectReference).where(SubjectReference.subject_id == subject.id))
+    await session.execute(delete(Disclosure).where(Disclosure.subject_id == subject.id))
+    await session.execute(
+        update(ConsentGrant).where(ConsentGrant.subject_id == subject.id).values(subject_id=None)
+    )
+    await session.delete(subject)
+    await session.flush()
+    return revoked

@@ -1,0 +1,1 @@
+"""The disclosure path: decide, fetch, minimise, sign and encrypt, record."""

@@ -1,0 +1,109 @@
+"""Routes: request a disclosure, deposit a record, the survivor's accounting."""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Annotated, Literal
+
+import orjson
+from fastapi import APIRouter, Depends, Query, status
+from starlette.responses import Response
+
+from broker.auth.dependencies import AdvocateCaller, AgencyCaller, require
+from broker.auth.roles import Principal, Role
+from broker.db import SessionDep
+from broker.disclosure import accounting, records
+from broker.disclosure.schemas import (
+    Accounting,
+    DisclosureCreate,
+    DisclosureOut,
+    RecordDeposit,
+    RecordStored,
+)
+from broker.disclosure.service import request_disclosure
+from broker.errors import (
+    PROBLEM_MEDIA_TYPE,
+    Conflict,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    NotPermitted,
+    Unauthenticated,
+    UpstreamError,
+    UpstreamTimeout,
+    error_responses,
+)
+from broker.runtime import RuntimeDep
+
+router = APIRouter(prefix="/v1", tags=["disclosures"])
+Depositor = Annotated[Principal, Depends(require(Role.agency, scope="records:deposit"))]
+
+
+@router.post(
+    "/disclosures",
+    responses={
+        200: {"model": DisclosureOut},
+        **error_responses(
+            InvalidRequest, Unauthenticated, NotPermitted, NotFound, UpstreamError, UpstreamTimeout
+        ),
+    },
+    response_model=DisclosureOut,
+)
+async def disclose(body: DisclosureCreate, caller: AgencyCaller, session: SessionDep, rt: RuntimeDep) -> Response:
+    outcome = await request_disclosure(session, rt, caller, body)
+    media = "application/json" if outcome.status == 200 else PROBLEM_MEDIA_TYPE
+    return Response(orjson.dumps(outcome.body), status_code=outcome.status, media_type=media)
+
+
+@router.post(
+    "/records",
+    status_code=status.HTTP_201_CREATED,
+    responses=error_responses(InvalidRequest, Unauthenticated, Forbidden, NotFound),
+)
+async def deposit_record(
+    body: RecordDeposit, caller: Depositor, session: SessionDep, rt: RuntimeDep
+) -> RecordStored:
+    return await records.deposit(session, rt, caller, body)
+
+
+@router.get(
+    "/subjects/{subject_id}/disclosures",
+    responses={
+        200: {"content": {"application/json": {}, "text/csv": {}}},
+        **error_responses(Unauthenticated, Forbidden, NotFound, Conflict),
+    },
+    response_model=Accounting,
+)
+async def subject_accounting(
+    subject_id: str,
+    caller: AdvocateCaller,
+    session: SessionDep,
+    format: Annotated[Literal["json", "csv"], Query()] = "json",
+) -> Response:
+    report = await accounting.for_subject(session, caller, subject_id)
+    if format == "json":
+        return Response(report.model_dump_json(), media_type="application/json")
+    return Response(_csv(report), media_type="text/csv; charset=utf-8",
+                    headers={"Content-Disposition": f'attachment; filename="accounting-{subject_id}.csv"'})
+
+
+def _csv(report: Accounting) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    columns = list(type(report.items[0]).model_fields) if report.items else [
+        "disclosure_id", "at", "outcome", "reason"]
+    writer.writerow(columns)
+    for item in report.items:
+        row = item.model_dump()
+        writer.writerow(
+            [";".join(v) if isinstance(v, list) else ("" if v is None else _safe_cell(v)) for v in
+             (row[c] for c in columns)]
+        )
+    return out.getvalue()
+
+
+def _safe_cell(value: object) -> str:
+    """Neutralise spreadsheet formula injection (cells starting with = + - @)."""
+    text = str(value)
+    return "'" + text if text[:1] in {"=", "+", "-", "@"} else text
