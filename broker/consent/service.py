@@ -352,6 +352,8 @@ async def _change_locked(
         data,
         now,
     )
+    if change == "revoked":
+        await queue_revocation_notices(session, rt, head, version)
     return head, version, entry
 
 
