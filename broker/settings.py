@@ -6,8 +6,9 @@ tests and several processes can run differently configured brokers side by side.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -60,6 +61,17 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_environment(cls, data: Any) -> Any:
+        # pydantic-settings ignores unknown variables; a typo such as BROKER_DATABASE_ULR
+        # would silently fall back to a default, so refuse it instead.
+        known = {f"BROKER_{name.upper()}" for name in cls.model_fields}
+        unknown = sorted(k for k in os.environ if k.upper().startswith("BROKER_") and k.upper() not in known)
+        if unknown:
+            raise ValueError(f"unknown setting(s) in the environment: {', '.join(unknown)}")
+        return data
 
     @model_validator(mode="after")
     def _production_needs_https(self) -> Settings:

@@ -3,7 +3,7 @@
 Each backend gets one database migrated by ``alembic upgrade head`` per session;
 each test gets its own copy of it (a file copy for SQLite, ``CREATE DATABASE …
 TEMPLATE`` for PostgreSQL), so tests commit for real and never see each other.
-Set BROKER_TEST_REQUIRE_POSTGRES=1 (CI does) to turn "PostgreSQL unreachable"
+Set TEST_REQUIRE_POSTGRES=1 (CI does) to turn "PostgreSQL unreachable"
 from a visible skip into a failure.
 """
 
@@ -29,9 +29,9 @@ from broker.settings import Settings
 from tests.support import World
 
 PG_ADMIN_DSN = os.environ.get(
-    "BROKER_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
+    "TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
-REQUIRE_PG = os.environ.get("BROKER_TEST_REQUIRE_POSTGRES") == "1"
+REQUIRE_PG = os.environ.get("TEST_REQUIRE_POSTGRES") == "1"
 BASE_URL = "http://broker.test"
 
 T = TypeVar("T")
@@ -85,7 +85,7 @@ def pg_template() -> Iterator[str]:
     if problem is not None:
         message = f"PostgreSQL not reachable at {PG_ADMIN_DSN}: {problem}"
         if REQUIRE_PG:
-            pytest.fail(message + " (BROKER_TEST_REQUIRE_POSTGRES=1)")
+            pytest.fail(message + " (TEST_REQUIRE_POSTGRES=1)")
         pytest.skip(message)
     name = f"broker_tmpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     _in_thread(lambda: asyncio.run(_pg_exec(f'CREATE DATABASE "{name}"')))
@@ -158,7 +158,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if REQUIRE_PG and session.testscollected and int(_pg_state["passed"]) == 0:  # type: ignore[call-overload]
         session.exitstatus = 1
-        print("\nFAIL: BROKER_TEST_REQUIRE_POSTGRES=1 but no PostgreSQL test passed")
+        print("\nFAIL: TEST_REQUIRE_POSTGRES=1 but no PostgreSQL test passed")
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

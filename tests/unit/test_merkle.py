@@ -325,6 +325,15 @@ def test_verify_inclusion_size_one() -> None:
     assert m.verify_inclusion(LEAVES[0], 0, 1, [], LEAVES[0])
 
 
+def test_short_proofs_rejected_even_if_hashes_line_up() -> None:
+    """The final ``sn == 0`` checks: a path that ends early must fail on its own."""
+    a, x = LEAVES[0], LEAVES[1]
+    assert not m.verify_inclusion(a, 0, 2, [], a)
+    assert not m.verify_inclusion(a, 0, 5, [x], m.node_hash(a, x))
+    assert not m.verify_consistency(2, 5, a, m.node_hash(a, x), [x])
+    assert m.verify_consistency(2, 4, a, m.node_hash(a, x), [x])  # exactly long enough
+
+
 @pytest.mark.parametrize(
     "args",
     [

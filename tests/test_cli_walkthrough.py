@@ -1,0 +1,104 @@
+"""The README walkthrough, command by command, against a real `broker serve` process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def served(database_url: str, tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "BROKER_ENVIRONMENT": "dev",
+        "BROKER_DATABASE_URL": database_url,
+        "BROKER_KEY_DIR": str(tmp_path / "keys"),
+        "BROKER_PUBLIC_URL": url,
+    }
+    proc = subprocess.Popen(  # noqa: S603
+        [str(BIN / "broker"), "serve", "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"{url}/.well-known/jwks.json", timeout=0.5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                out = proc.stdout.read().decode() if proc.stdout else ""
+                raise RuntimeError(f"broker serve did not come up:\n{out}")
+            time.sleep(0.1)
+        yield url, env
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _run(env: dict[str, str], *args: str) -> str:
+    done = subprocess.run(  # noqa: S603
+        [str(BIN / "broker"), *args], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_walkthrough_and_demo(served: tuple[str, dict[str, str]], tmp_path: Path) -> None:
+    url, env = served
+    keys = tmp_path / "agency-keys"
+    out = _run(env, "keys", "generate", "--out", str(keys), "--name", "ops")
+    assert "ops.sig.jwks.json" in out
+    assert (keys / "ops.sig.private.jwk.json").stat().st_mode & 0o077 == 0
+    admin_id = _run(env, "clients", "add", "--role", "admin", "--name", "ops",
+                    "--jwks", str(keys / "ops.sig.jwks.json")).strip()
+    assert len(admin_id) == 36
+    token = _run(env, "token", "--client-id", admin_id, "--key", str(keys / "ops.sig.private.jwk.json"),
+                 "--url", url).strip()
+    enc = json.loads((keys / "ops.enc.jwks.json").read_text())
+    resp = httpx.post(f"{url}/v1/agencies", headers={"Authorization": f"Bearer {token}"},
+                      json={"name": "Harbor House", "kind": "shelter", "encryption_jwks": enc})
+    assert resp.status_code == 201, resp.text
+    demo = subprocess.run(  # noqa: S603
+        [str(BIN / "broker"), "demo", "--url", url, "--workdir", str(tmp_path / "demo")],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "after revocation the DV Unit gets HTTP 403" in demo.stdout
+    assert '"bed_status": "assigned"' in demo.stdout
+    assert "shelter_location" in demo.stdout  # listed as withheld, never as data
+    assert "(confidential)" not in demo.stdout
+
+
+def test_production_refuses_to_start_without_keys(tmp_path: Path) -> None:
+    env = {**os.environ, "BROKER_ENVIRONMENT": "production", "BROKER_KEY_DIR": str(tmp_path / "none"),
+           "BROKER_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/x.db"}
+    done = subprocess.run(  # noqa: S603
+        [str(BIN / "broker"), "serve", "--port", str(_free_port())],
+        env=env, capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert done.returncode != 0
+    assert "broker keys init" in done.stderr
