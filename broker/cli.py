@@ -132,7 +132,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from broker.demo import run_demo
 
-    return asyncio.run(run_demo(args.url, Path(args.workdir)))
+    return asyncio.run(run_demo(args.url))
 
 
 def cmd_ledger_verify(args: argparse.Namespace) -> int:
@@ -183,7 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="walk through the whole loop against a running broker")
     d.add_argument("--url", default="http://127.0.0.1:8000")
-    d.add_argument("--workdir", default="./var/demo")
     d.set_defaults(func=cmd_demo)
 
     lg = sub.add_parser("ledger", help="ledger tools").add_subparsers(

@@ -65,7 +65,9 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
         # Connection loss, a refused write, a failed commit: the transaction is gone
         # whole, so the honest answer is "not done, try again" and never a payload.
         log.warning("database error, transaction rolled back: %s", type(exc.orig).__name__)
-        raise ServiceUnavailable("The database could not record the request; nothing was changed.") from None
+        raise ServiceUnavailable(
+            "The database could not record the request; nothing was changed."
+        ) from None
 
 
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]

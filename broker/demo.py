@@ -11,7 +11,6 @@ import hashlib
 import json
 import secrets
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from joserfc.jwk import ECKey, OKPKey
@@ -45,7 +44,7 @@ def _ok(resp: Any, status: int = 200) -> dict[str, Any]:
     return body
 
 
-async def _bootstrap_admin(workdir: Path) -> tuple[str, dict[str, Any]]:
+async def _bootstrap_admin() -> tuple[str, dict[str, Any]]:
     from broker.agencies.schemas import ClientCreate
     from broker.agencies.service import issue_client
     from broker.auth.roles import Role
@@ -72,10 +71,10 @@ async def _bootstrap_admin(workdir: Path) -> tuple[str, dict[str, Any]]:
         await rt.engine.dispose()
 
 
-async def run_demo(url: str, workdir: Path) -> int:
-    workdir.mkdir(parents=True, exist_ok=True)
+async def run_demo(url: str) -> int:
+    """Keys live only in memory for the run: the demo leaves no private key on disk."""
     run = secrets.token_hex(3)
-    admin_id, admin_key = await _bootstrap_admin(workdir)
+    admin_id, admin_key = await _bootstrap_admin()
     admin = BrokerClient(url, admin_id, admin_key)
     clients: list[BrokerClient] = [admin]
     try:

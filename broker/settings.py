@@ -68,7 +68,9 @@ class Settings(BaseSettings):
         # pydantic-settings ignores unknown variables; a typo such as BROKER_DATABASE_ULR
         # would silently fall back to a default, so refuse it instead.
         known = {f"BROKER_{name.upper()}" for name in cls.model_fields}
-        unknown = sorted(k for k in os.environ if k.upper().startswith("BROKER_") and k.upper() not in known)
+        unknown = sorted(
+            k for k in os.environ if k.upper().startswith("BROKER_") and k.upper() not in known
+        )
         if unknown:
             raise ValueError(f"unknown setting(s) in the environment: {', '.join(unknown)}")
         return data

@@ -56,5 +56,10 @@ def start_workers(rt: Runtime) -> list[asyncio.Task[None]]:
     except ImportError:  # the sequencer lands with the ledger issue
         pass
     else:
-        loops.append(("sequencer", rt.settings.sequencer_interval_seconds, lambda: integrate_pending(rt)))
-    return [asyncio.create_task(_loop(name, interval, step), name=name) for name, interval, step in loops]
+        loops.append(
+            ("sequencer", rt.settings.sequencer_interval_seconds, lambda: integrate_pending(rt))
+        )
+    return [
+        asyncio.create_task(_loop(name, interval, step), name=name)
+        for name, interval, step in loops
+    ]

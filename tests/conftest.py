@@ -28,9 +28,7 @@ from broker.migrate import upgrade
 from broker.settings import Settings
 from tests.support import World
 
-PG_ADMIN_DSN = os.environ.get(
-    "TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
+PG_ADMIN_DSN = os.environ.get("TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REQUIRE_PG = os.environ.get("TEST_REQUIRE_POSTGRES") == "1"
 BASE_URL = "http://broker.test"
 

@@ -33,7 +33,9 @@ async def _token_request(http: httpx.AsyncClient, assertion: str) -> httpx.Respo
     )
 
 
-def _signed(private_jwk: dict[str, Any], claims: dict[str, Any], header: dict[str, Any] | None = None) -> str:
+def _signed(
+    private_jwk: dict[str, Any], claims: dict[str, Any], header: dict[str, Any] | None = None
+) -> str:
     key = ECKey.import_key(private_jwk)
     hdr = {"alg": "ES256", "kid": private_jwk["kid"]} | (header or {})
     return jwt.encode(hdr, claims, key, algorithms=["ES256"])
@@ -41,8 +43,14 @@ def _signed(private_jwk: dict[str, Any], claims: dict[str, Any], header: dict[st
 
 def _claims(client_id: str, **over: Any) -> dict[str, Any]:
     now = int(time.time())
-    base = {"iss": client_id, "sub": client_id, "aud": TOKEN_URL, "iat": now, "exp": now + 60,
-            "jti": str(uuid.uuid4())}
+    base = {
+        "iss": client_id,
+        "sub": client_id,
+        "aud": TOKEN_URL,
+        "iat": now,
+        "exp": now + 60,
+        "jti": str(uuid.uuid4()),
+    }
     base.update(over)
     return base
 
@@ -77,8 +85,12 @@ async def test_authlib_private_key_jwt_client(world: World, app: Any) -> None:
     class ShortLivedPrivateKeyJWT(PrivateKeyJWT):  # the broker refuses exp > 5 minutes
         def sign(self, auth: Any, token_endpoint: str) -> str:
             return private_key_jwt_sign(
-                ECKey.import_key(priv), client_id=auth.client_id, token_endpoint=token_endpoint,
-                alg="ES256", header={"kid": priv["kid"]}, expires_in=120,
+                ECKey.import_key(priv),
+                client_id=auth.client_id,
+                token_endpoint=token_endpoint,
+                alg="ES256",
+                header={"kid": priv["kid"]},
+                expires_in=120,
             )
 
     async with AsyncOAuth2Client(
@@ -145,7 +157,9 @@ async def test_unknown_kid_refused(world: World) -> None:
 async def test_key_of_another_client_refused(world: World) -> None:
     cid, _ = await _agency_client(world)
     other_private, _ = sig_keypair()
-    resp = await _token_request(world.http, _signed(other_private, _claims(cid), {"kid": other_private["kid"]}))
+    resp = await _token_request(
+        world.http, _signed(other_private, _claims(cid), {"kid": other_private["kid"]})
+    )
     assert resp.status_code == 401
 
 
@@ -165,7 +179,9 @@ async def test_hs256_with_public_key_refused(world: World) -> None:
     cid, priv = await _agency_client(world)
     public = {k: v for k, v in priv.items() if k != "d"}
     secret = OctKey.import_key(json.dumps(public).encode())
-    token = jwt.encode({"alg": "HS256", "kid": priv["kid"]}, _claims(cid), secret, algorithms=["HS256"])
+    token = jwt.encode(
+        {"alg": "HS256", "kid": priv["kid"]}, _claims(cid), secret, algorithms=["HS256"]
+    )
     resp = await _token_request(world.http, token)
     assert resp.status_code == 401
 
@@ -196,7 +212,9 @@ async def test_suspended_agency_refused_at_once(world: World) -> None:
     after = await world.http.post("/v1/subjects", headers=headers, json=probe)
     assert after.status_code == 401
     assert "suspended" in after.json()["detail"]
-    fresh = await _token_request(world.http, make_client_assertion(officer.client_id, officer.private_jwk, TOKEN_URL))
+    fresh = await _token_request(
+        world.http, make_client_assertion(officer.client_id, officer.private_jwk, TOKEN_URL)
+    )
     assert fresh.status_code == 401
 
 
@@ -212,7 +230,9 @@ async def test_withdrawn_client_refused_at_once(world: World) -> None:
 
 async def test_bad_bearer_tokens(world: World) -> None:
     assert (await world.http.get("/v1/agencies")).status_code == 401
-    assert (await world.http.get("/v1/agencies", headers={"Authorization": "Bearer x.y.z"})).status_code == 401
+    assert (
+        await world.http.get("/v1/agencies", headers={"Authorization": "Bearer x.y.z"})
+    ).status_code == 401
     assert world.admin is not None
     token = await world.admin.token()
     head, body, sig = token.split(".")

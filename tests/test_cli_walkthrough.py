@@ -36,7 +36,9 @@ def served(database_url: str, tmp_path: Path) -> Iterator[tuple[str, dict[str, s
     }
     proc = subprocess.Popen(  # noqa: S603
         [str(BIN / "broker"), "serve", "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.monotonic() + 20
@@ -61,7 +63,12 @@ def served(database_url: str, tmp_path: Path) -> Iterator[tuple[str, dict[str, s
 
 def _run(env: dict[str, str], *args: str) -> str:
     done = subprocess.run(  # noqa: S603
-        [str(BIN / "broker"), *args], env=env, capture_output=True, text=True, timeout=60, check=False
+        [str(BIN / "broker"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     return done.stdout
@@ -73,18 +80,42 @@ def test_walkthrough_and_demo(served: tuple[str, dict[str, str]], tmp_path: Path
     out = _run(env, "keys", "generate", "--out", str(keys), "--name", "ops")
     assert "ops.sig.jwks.json" in out
     assert (keys / "ops.sig.private.jwk.json").stat().st_mode & 0o077 == 0
-    admin_id = _run(env, "clients", "add", "--role", "admin", "--name", "ops",
-                    "--jwks", str(keys / "ops.sig.jwks.json")).strip()
+    admin_id = _run(
+        env,
+        "clients",
+        "add",
+        "--role",
+        "admin",
+        "--name",
+        "ops",
+        "--jwks",
+        str(keys / "ops.sig.jwks.json"),
+    ).strip()
     assert len(admin_id) == 36
-    token = _run(env, "token", "--client-id", admin_id, "--key", str(keys / "ops.sig.private.jwk.json"),
-                 "--url", url).strip()
+    token = _run(
+        env,
+        "token",
+        "--client-id",
+        admin_id,
+        "--key",
+        str(keys / "ops.sig.private.jwk.json"),
+        "--url",
+        url,
+    ).strip()
     enc = json.loads((keys / "ops.enc.jwks.json").read_text())
-    resp = httpx.post(f"{url}/v1/agencies", headers={"Authorization": f"Bearer {token}"},
-                      json={"name": "Harbor House", "kind": "shelter", "encryption_jwks": enc})
+    resp = httpx.post(
+        f"{url}/v1/agencies",
+        headers={"Authorization": f"Bearer {token}"},
+        json={"name": "Harbor House", "kind": "shelter", "encryption_jwks": enc},
+    )
     assert resp.status_code == 201, resp.text
     demo = subprocess.run(  # noqa: S603
-        [str(BIN / "broker"), "demo", "--url", url, "--workdir", str(tmp_path / "demo")],
-        env=env, capture_output=True, text=True, timeout=120, check=False,
+        [str(BIN / "broker"), "demo", "--url", url],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "after revocation the DV Unit gets HTTP 403" in demo.stdout
@@ -94,11 +125,19 @@ def test_walkthrough_and_demo(served: tuple[str, dict[str, str]], tmp_path: Path
 
 
 def test_production_refuses_to_start_without_keys(tmp_path: Path) -> None:
-    env = {**os.environ, "BROKER_ENVIRONMENT": "production", "BROKER_KEY_DIR": str(tmp_path / "none"),
-           "BROKER_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/x.db"}
+    env = {
+        **os.environ,
+        "BROKER_ENVIRONMENT": "production",
+        "BROKER_KEY_DIR": str(tmp_path / "none"),
+        "BROKER_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/x.db",
+    }
     done = subprocess.run(  # noqa: S603
         [str(BIN / "broker"), "serve", "--port", str(_free_port())],
-        env=env, capture_output=True, text=True, timeout=30, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert done.returncode != 0
     assert "broker keys init" in done.stderr

@@ -19,7 +19,10 @@ async def _story(world: World) -> Story:
 
 def _base(s: Story, **over: Any) -> dict[str, Any]:
     return consent_body(
-        subject_id=s.subject_id, source_agency_ids=[s.shelter.id], recipient_agency_id=s.police.id, **over
+        subject_id=s.subject_id,
+        source_agency_ids=[s.shelter.id],
+        recipient_agency_id=s.police.id,
+        **over,
     )
 
 
@@ -27,7 +30,11 @@ REFUSALS: list[tuple[str, dict[str, Any], str]] = [
     ("no expiry", {"expires_at": None}, "expires_at"),
     ("expiry in the past", {"expires_at": in_days(-1)}, "past"),
     ("expiry beyond max term", {"expires_at": in_days(400)}, "365 days"),
-    ("unknown field", {"fields": {"shelter": ["intake_date", "favourite_colour"]}}, "favourite_colour"),
+    (
+        "unknown field",
+        {"fields": {"shelter": ["intake_date", "favourite_colour"]}},
+        "favourite_colour",
+    ),
     ("wildcard all", {"fields": {"shelter": ["all"]}}, "wildcard"),
     ("wildcard star", {"fields": {"shelter": ["*"]}}, "wildcard"),
     ("unknown category", {"fields": {"finance": ["balance"]}}, "finance"),
@@ -35,11 +42,18 @@ REFUSALS: list[tuple[str, dict[str, Any], str]] = [
     ("unknown purpose", {"purposes": ["curiosity"]}, "curiosity"),
     ("duplicate field", {"fields": {"shelter": ["bed_status", "bed_status"]}}, "twice"),
     ("missing attestation", {"attestation": None}, "attestation"),
-    ("attestation without digest", {"attestation": {"method": "written", "signed_at": in_days(-1)}},
-     "document_sha256"),
+    (
+        "attestation without digest",
+        {"attestation": {"method": "written", "signed_at": in_days(-1)}},
+        "document_sha256",
+    ),
     ("verbal attestation for a grant", {"attestation": attestation("verbal")}, "attestation"),
     ("naive datetime", {"expires_at": "2030-01-01T00:00:00"}, "expires_at"),
-    ("unknown recipient", {"recipient_agency_id": "00000000-0000-0000-0000-000000000000"}, "recipient"),
+    (
+        "unknown recipient",
+        {"recipient_agency_id": "00000000-0000-0000-0000-000000000000"},
+        "recipient",
+    ),
     ("extra member", {"all_fields": True}, "all_fields"),
 ]
 
@@ -79,9 +93,13 @@ async def test_suspended_recipient_refused(world: World) -> None:
 
 async def test_excluded_client_must_belong_to_recipient(world: World) -> None:
     s = await _story(world)
-    resp = await s.advocate.post("/v1/consents", json=_base(s, excluded_client_ids=[s.advocate.client_id]))
+    resp = await s.advocate.post(
+        "/v1/consents", json=_base(s, excluded_client_ids=[s.advocate.client_id])
+    )
     assert resp.status_code == 422
-    ok = await s.advocate.post("/v1/consents", json=_base(s, excluded_client_ids=[s.officer.client_id]))
+    ok = await s.advocate.post(
+        "/v1/consents", json=_base(s, excluded_client_ids=[s.officer.client_id])
+    )
     assert ok.status_code == 201
     assert ok.json()["excluded_client_ids"] == [s.officer.client_id]
 
@@ -101,14 +119,19 @@ async def test_lifecycle_writes_versions_and_ledger_entries(world: World) -> Non
     del body["subject_id"], body["recipient_agency_id"]
     revised = await s.advocate.post(f"/v1/consents/{gid}/versions", json=body)
     assert revised.status_code == 201, revised.text
-    assert revised.json()["version"] == 2 and revised.json()["fields"] == {"shelter": ["intake_date"]}
+    assert revised.json()["version"] == 2 and revised.json()["fields"] == {
+        "shelter": ["intake_date"]
+    }
     paused = await s.advocate.post(f"/v1/consents/{gid}/pause", json=life)
     assert paused.json()["status"] == "paused" and paused.json()["version"] == 3
     again = await s.advocate.post(f"/v1/consents/{gid}/pause", json=life)
     assert again.status_code == 409
     resumed = await s.advocate.post(f"/v1/consents/{gid}/resume", json=life)
     assert resumed.json()["status"] == "active" and resumed.json()["version"] == 4
-    oral = {"attestation": attestation("verbal"), "reason": "Survivor phoned: stop sharing with police"}
+    oral = {
+        "attestation": attestation("verbal"),
+        "reason": "Survivor phoned: stop sharing with police",
+    }
     revoked = await s.advocate.post(f"/v1/consents/{gid}/revoke", json=oral)
     assert revoked.status_code == 200, revoked.text
     assert revoked.json()["status"] == "revoked" and revoked.json()["version"] == 5
@@ -123,7 +146,9 @@ async def test_lifecycle_writes_versions_and_ledger_entries(world: World) -> Non
     assert (await s.advocate.get(f"/v1/consents/{gid}/versions/9")).status_code == 404
     assert await _pending_count(world) == before + 5
     async with world.rt.sessionmaker() as session:
-        bodies = (await session.scalars(select(LedgerPending.body).order_by(LedgerPending.seq))).all()
+        bodies = (
+            await session.scalars(select(LedgerPending.body).order_by(LedgerPending.seq))
+        ).all()
     consent_entries = [b for b in bodies if '"consent.' in b]
     assert len(consent_entries) == 5
     for entry in consent_entries:
@@ -164,8 +189,12 @@ async def test_versions_immutable_in_database(world: World) -> None:
 async def test_ledger_tables_refuse_rewrites(world: World) -> None:
     await _story(world)
     for table in ("ledger_entries", "ledger_nodes", "ledger_checkpoints"):
-        for sql in (f"UPDATE {table} SET idx = idx" if table != "ledger_checkpoints"
-                    else f"UPDATE {table} SET tree_size = tree_size", f"DELETE FROM {table}"):
+        for sql in (
+            f"UPDATE {table} SET idx = idx"
+            if table != "ledger_checkpoints"
+            else f"UPDATE {table} SET tree_size = tree_size",
+            f"DELETE FROM {table}",
+        ):
             async with world.rt.engine.connect() as conn:
                 await _insert_dummy(conn, table)
                 with pytest.raises(DBAPIError, match="append-only"):
@@ -180,17 +209,22 @@ async def _insert_dummy(conn: Any, table: str) -> None:
         when = when.replace(tzinfo=None)
     if table == "ledger_entries":
         await conn.execute(
-            text("INSERT INTO ledger_entries (idx, entry_id, entry_type, body, leaf_hash, created_at, "
-                 "integrated_at) VALUES (999999, 'dummy', 't', '{}', :h, :t, :t)"),
+            text(
+                "INSERT INTO ledger_entries (idx, entry_id, entry_type, body, leaf_hash, created_at, "
+                "integrated_at) VALUES (999999, 'dummy', 't', '{}', :h, :t, :t)"
+            ),
             {"h": blob, "t": when},
         )
     elif table == "ledger_nodes":
-        await conn.execute(text("INSERT INTO ledger_nodes (level, idx, hash) VALUES (0, 999999, :h)"),
-                           {"h": blob})
+        await conn.execute(
+            text("INSERT INTO ledger_nodes (level, idx, hash) VALUES (0, 999999, :h)"), {"h": blob}
+        )
     else:
         await conn.execute(
-            text("INSERT INTO ledger_checkpoints (tree_size, root_hash, note, created_at) "
-                 "VALUES (999999, :h, 'n', :t)"),
+            text(
+                "INSERT INTO ledger_checkpoints (tree_size, root_hash, note, created_at) "
+                "VALUES (999999, :h, 'n', :t)"
+            ),
             {"h": blob, "t": when},
         )
 

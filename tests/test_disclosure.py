@@ -30,13 +30,19 @@ SHELTER_RECORD = {
 SECRET_VALUES = ["12 Hidden Lane", "Rosa Quinn", "2024-03-02", "HH-2024-0042", "PD-24-0193"]
 
 
-async def _setup(world: World, *, deposit: bool = True, **grant_terms: Any) -> tuple[Story, dict[str, Any]]:
+async def _setup(
+    world: World, *, deposit: bool = True, **grant_terms: Any
+) -> tuple[Story, dict[str, Any]]:
     s = await story_one(world)
     if deposit:
         depositor = await world.client(s.shelter.id, "agency", "shelter case system")
         r = await depositor.post(
             "/v1/records",
-            json={"subject_ref": "HH-2024-0042", "category": "shelter", "record": SHELTER_RECORD | {"x": 1}},
+            json={
+                "subject_ref": "HH-2024-0042",
+                "category": "shelter",
+                "record": SHELTER_RECORD | {"x": 1},
+            },
         )
         assert r.status_code == 201, r.text
         assert r.json()["dropped_fields"] == 1
@@ -49,7 +55,11 @@ async def _setup(world: World, *, deposit: bool = True, **grant_terms: Any) -> t
 
 
 def _ask(fields: list[str] | None = None, **over: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"subject_ref": "PD-24-0193", "category": "shelter", "purpose": "safety_planning"}
+    body: dict[str, Any] = {
+        "subject_ref": "PD-24-0193",
+        "category": "shelter",
+        "purpose": "safety_planning",
+    }
     if fields is not None:
         body["fields"] = fields
     body.update(over)
@@ -62,7 +72,9 @@ async def _jwks(world: World) -> dict[str, Any]:
 
 async def test_story_one_disclosure(world: World) -> None:
     s, grant = await _setup(world)
-    resp = await s.officer.post("/v1/disclosures", json=_ask(["intake_date", "bed_status", "shelter_location"]))
+    resp = await s.officer.post(
+        "/v1/disclosures", json=_ask(["intake_date", "bed_status", "shelter_location"])
+    )
     assert resp.status_code == 200, resp.text
     body = resp.json()
     assert body["fields_disclosed"] == ["bed_status", "intake_date"]
@@ -77,7 +89,14 @@ async def test_story_one_disclosure(world: World) -> None:
     assert claims["disclosure_id"] == body["disclosure_id"]
     assert claims["data_life_days"] == 30
     assert "prohibited" in claims["notice"]
-    assert {"grant_id", "grant_version", "policy_version", "iat", "category", "purpose"} <= claims.keys()
+    assert {
+        "grant_id",
+        "grant_version",
+        "policy_version",
+        "iat",
+        "category",
+        "purpose",
+    } <= claims.keys()
 
 
 async def test_payload_only_opens_for_recipient(world: World) -> None:
@@ -122,7 +141,11 @@ async def _denied(world: World, s: Story, body: dict[str, Any] | None = None) ->
 
 async def _last_reason(world: World) -> str:
     async with world.rt.sessionmaker() as session:
-        return str(await session.scalar(select(Disclosure.reason).order_by(Disclosure.created_at.desc()).limit(1)))
+        return str(
+            await session.scalar(
+                select(Disclosure.reason).order_by(Disclosure.created_at.desc()).limit(1)
+            )
+        )
 
 
 @pytest.mark.parametrize(
@@ -131,9 +154,18 @@ async def _last_reason(world: World) -> str:
         ("wrong purpose", {}, _ask(purpose="protective_order"), "purpose_not_granted"),
         ("wrong category", {}, _ask(category="medical"), "category_not_granted"),
         ("not yet valid", {"valid_from": in_days(2)}, _ask(), "not_yet_valid"),
-        ("empty policy list", {"fields": {"medical": ["visit_date"]}, "purposes": ["housing_placement"]},
-         _ask(category="medical", purpose="housing_placement"), "no_permitted_fields"),
-        ("policy excludes field", {"fields": {"shelter": ["exit_date"]}}, _ask(), "no_permitted_fields"),
+        (
+            "empty policy list",
+            {"fields": {"medical": ["visit_date"]}, "purposes": ["housing_placement"]},
+            _ask(category="medical", purpose="housing_placement"),
+            "no_permitted_fields",
+        ),
+        (
+            "policy excludes field",
+            {"fields": {"shelter": ["exit_date"]}},
+            _ask(),
+            "no_permitted_fields",
+        ),
     ],
 )
 async def test_deny_by_default(
@@ -148,8 +180,10 @@ async def test_deny_no_grant_and_wrong_recipient(world: World) -> None:
     s, _ = await _setup(world)
     legal = await world.agency("Northside Legal Aid", "legal_aid")
     lawyer = await world.client(legal.id, "agency")
-    r = await s.advocate.post(f"/v1/subjects/{s.subject_id}/references",
-                              json={"agency_id": legal.id, "reference": "NLA-77"})
+    r = await s.advocate.post(
+        f"/v1/subjects/{s.subject_id}/references",
+        json={"agency_id": legal.id, "reference": "NLA-77"},
+    )
     assert r.status_code == 201
     resp = await lawyer.post("/v1/disclosures", json=_ask(subject_ref="NLA-77"))
     assert resp.status_code == 403
@@ -166,7 +200,9 @@ async def test_paused_revoked_and_resumed(world: World) -> None:
     await s.advocate.post(f"/v1/consents/{grant['id']}/resume", json=life)
     assert (await s.officer.post("/v1/disclosures", json=_ask())).status_code == 200
     oral = {"attestation": attestation("verbal"), "reason": "phoned advocate"}
-    assert (await s.advocate.post(f"/v1/consents/{grant['id']}/revoke", json=oral)).status_code == 200
+    assert (
+        await s.advocate.post(f"/v1/consents/{grant['id']}/revoke", json=oral)
+    ).status_code == 200
     await _denied(world, s)
     assert await _last_reason(world) == "revoked"
 
@@ -192,8 +228,12 @@ async def test_excluded_officer_denied_and_seen_by_advocate(world: World) -> Non
     """Story 2: the ex-partner's brother is named on the grant and refused."""
     s = await story_one(world)
     brother = await world.client(s.police.id, "agency", "Officer (excluded)")
-    terms = consent_body(subject_id=s.subject_id, source_agency_ids=[s.shelter.id],
-                         recipient_agency_id=s.police.id, excluded_client_ids=[brother.client_id])
+    terms = consent_body(
+        subject_id=s.subject_id,
+        source_agency_ids=[s.shelter.id],
+        recipient_agency_id=s.police.id,
+        excluded_client_ids=[brother.client_id],
+    )
     await world.grant(s.advocate, **terms)
     resp = await brother.post("/v1/disclosures", json=_ask())
     assert resp.status_code == 403
@@ -218,8 +258,9 @@ async def test_no_existence_oracle(world: World) -> None:
     s, _ = await _setup(world)
     other = await world.agency("Westside Clinic", "medical")
     fisher = await world.client(other.id, "agency")
-    r = await s.advocate.post(f"/v1/subjects/{s.subject_id}/references",
-                              json={"agency_id": other.id, "reference": "WC-1"})
+    r = await s.advocate.post(
+        f"/v1/subjects/{s.subject_id}/references", json={"agency_id": other.id, "reference": "WC-1"}
+    )
     assert r.status_code == 201
     known = await fisher.post("/v1/disclosures", json=_ask(subject_ref="WC-1"))
     unknown = await fisher.post("/v1/disclosures", json=_ask(subject_ref="WC-2"))
@@ -228,7 +269,9 @@ async def test_no_existence_oracle(world: World) -> None:
     assert kb.pop("instance") != ub.pop("instance")
     assert kb == ub
     assert len(known.content) == len(unknown.content)
-    assert {k for k in known.headers if k != "content-length"} == {k for k in unknown.headers if k != "content-length"}
+    assert {k for k in known.headers if k != "content-length"} == {
+        k for k in unknown.headers if k != "content-length"
+    }
 
 
 async def test_ledger_entries_hold_no_personal_data(world: World) -> None:
@@ -248,16 +291,25 @@ async def test_no_payload_without_committed_ledger_entry(world: World, backend: 
     s, grant = await _setup(world)
     async with world.rt.engine.begin() as conn:
         if backend == "sqlite":
-            await conn.execute(text(
-                "CREATE TRIGGER fail_ledger BEFORE INSERT ON ledger_pending "
-                "BEGIN SELECT RAISE(ABORT, 'ledger unavailable'); END"))
+            await conn.execute(
+                text(
+                    "CREATE TRIGGER fail_ledger BEFORE INSERT ON ledger_pending "
+                    "BEGIN SELECT RAISE(ABORT, 'ledger unavailable'); END"
+                )
+            )
         else:
-            await conn.execute(text(
-                "CREATE FUNCTION fail_ledger() RETURNS trigger LANGUAGE plpgsql AS "
-                "$$ BEGIN RAISE EXCEPTION 'ledger unavailable'; END $$"))
-            await conn.execute(text(
-                "CREATE TRIGGER fail_ledger BEFORE INSERT ON ledger_pending "
-                "FOR EACH ROW EXECUTE FUNCTION fail_ledger()"))
+            await conn.execute(
+                text(
+                    "CREATE FUNCTION fail_ledger() RETURNS trigger LANGUAGE plpgsql AS "
+                    "$$ BEGIN RAISE EXCEPTION 'ledger unavailable'; END $$"
+                )
+            )
+            await conn.execute(
+                text(
+                    "CREATE TRIGGER fail_ledger BEFORE INSERT ON ledger_pending "
+                    "FOR EACH ROW EXECUTE FUNCTION fail_ledger()"
+                )
+            )
     resp = await s.officer.post("/v1/disclosures", json=_ask())
     assert resp.status_code in {409, 500, 503}, resp.text
     assert resp.headers["content-type"] == "application/problem+json"
@@ -270,7 +322,9 @@ async def test_no_payload_without_committed_ledger_entry(world: World, backend: 
 
 async def test_concurrent_requests_respect_last_use(world: World) -> None:
     s, grant = await _setup(world, max_uses=1)
-    results = await asyncio.gather(*[s.officer.post("/v1/disclosures", json=_ask()) for _ in range(8)])
+    results = await asyncio.gather(
+        *[s.officer.post("/v1/disclosures", json=_ask()) for _ in range(8)]
+    )
     statuses = sorted(r.status_code for r in results)
     assert statuses.count(200) == 1, statuses
     assert set(statuses) <= {200, 403}
@@ -313,14 +367,19 @@ async def test_erasure_shreds_held_records(world: World) -> None:
     assert (await s.officer.post("/v1/disclosures", json=_ask())).status_code == 200
     async with world.rt.sessionmaker() as session:
         entries_before = await session.scalar(select(func.count()).select_from(LedgerPending))
-    erase = await s.advocate.request("DELETE", f"/v1/subjects/{s.subject_id}",
-                                     json={"attestation": attestation("verbal_witnessed"), "reason": "erase"})
+    erase = await s.advocate.request(
+        "DELETE",
+        f"/v1/subjects/{s.subject_id}",
+        json={"attestation": attestation("verbal_witnessed"), "reason": "erase"},
+    )
     assert erase.status_code == 200, erase.text
     assert erase.json()["grants_revoked"] == 1
     assert (await s.advocate.get(f"/v1/subjects/{s.subject_id}")).status_code == 404
     await _denied(world, s)
     async with world.rt.sessionmaker() as session:
         assert await session.scalar(select(func.count()).select_from(HeldRecord)) == 0
-        assert await session.scalar(select(func.count()).select_from(LedgerPending)) > entries_before
+        assert (
+            await session.scalar(select(func.count()).select_from(LedgerPending)) > entries_before
+        )
         head = await session.get(ConsentGrant, grant["id"])
         assert head is not None and head.subject_id is None

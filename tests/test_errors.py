@@ -35,8 +35,12 @@ async def test_framework_errors_are_problems(world: World) -> None:
 
 async def test_validation_errors_do_not_echo_input(world: World) -> None:
     s = await story_one(world)
-    body = consent_body(subject_id=s.subject_id, source_agency_ids=[s.shelter.id],
-                        recipient_agency_id=s.police.id, max_uses="SECRET-ADDRESS-12")
+    body = consent_body(
+        subject_id=s.subject_id,
+        source_agency_ids=[s.shelter.id],
+        recipient_agency_id=s.police.id,
+        max_uses="SECRET-ADDRESS-12",
+    )
     problem = _is_problem(await s.advocate.post("/v1/consents", json=body), 422)
     assert "SECRET-ADDRESS-12" not in str(problem)
     assert problem["errors"]
@@ -49,21 +53,35 @@ async def test_validation_errors_do_not_echo_input(world: World) -> None:
         b"\xff\xfe\x00garbage",
         b"[" * 5000 + b"]" * 5000,
         b'{"subject_ref": "A", "subject_ref": "B", "category": "shelter", "purpose": "safety_planning"}',
-        b'{"subject_ref": "' + b"x" * 5000 + b'", "category": "shelter", "purpose": "safety_planning"}',
+        b'{"subject_ref": "'
+        + b"x" * 5000
+        + b'", "category": "shelter", "purpose": "safety_planning"}',
         b'{"subject_ref": "\' OR 1=1 --", "category": "{{7*7}}", "purpose": "safety_planning"}',
         b'{"subject_ref": "A", "category": "shelter", "purpose": "safety_planning", "fields": '
-        + b"[" + b",".join(b'"f%d"' % i for i in range(500)) + b"]}",
+        + b"["
+        + b",".join(b'"f%d"' % i for i in range(500))
+        + b"]}",
     ],
-    ids=["broken", "invalid-utf8", "deeply-nested", "duplicate-keys", "long-string", "injection-looking",
-         "huge-field-list"],
+    ids=[
+        "broken",
+        "invalid-utf8",
+        "deeply-nested",
+        "duplicate-keys",
+        "long-string",
+        "injection-looking",
+        "huge-field-list",
+    ],
 )
 async def test_hostile_disclosure_bodies(world: World, raw: bytes) -> None:
     s = await story_one(world)
     async with world.rt.sessionmaker() as session:
         before = await session.scalar(select(func.count()).select_from(LedgerPending))
     token = await s.officer.token()
-    resp = await world.http.post("/v1/disclosures", content=raw,
-                                 headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    resp = await world.http.post(
+        "/v1/disclosures",
+        content=raw,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
     assert 400 <= resp.status_code < 500, resp.text
     assert resp.headers["content-type"] == "application/problem+json"
     if resp.status_code == 403:  # well-formed but unknown: the uniform, recorded denial
@@ -95,12 +113,23 @@ async def test_openapi_lists_problem_schema(world: World) -> None:
 
 def test_production_without_keys_refuses(tmp_path: Path) -> None:
     with pytest.raises(KeysMissing, match="broker keys init"):
-        create_app(Settings(environment="production", key_dir=tmp_path / "k",
-                            database_url=f"sqlite+aiosqlite:///{tmp_path}/x.db"))
+        create_app(
+            Settings(
+                environment="production",
+                key_dir=tmp_path / "k",
+                database_url=f"sqlite+aiosqlite:///{tmp_path}/x.db",
+            )
+        )
 
 
 def test_dev_mode_generates_private_keys(tmp_path: Path) -> None:
-    create_app(Settings(environment="dev", key_dir=tmp_path / "k", database_url=f"sqlite+aiosqlite:///{tmp_path}/x.db"))
+    create_app(
+        Settings(
+            environment="dev",
+            key_dir=tmp_path / "k",
+            database_url=f"sqlite+aiosqlite:///{tmp_path}/x.db",
+        )
+    )
     files = list((tmp_path / "k").iterdir())
     assert len(files) == 5
     assert all(f.stat().st_mode & 0o077 == 0 for f in files)
@@ -111,8 +140,14 @@ def test_malformed_policy_stops_the_start(tmp_path: Path) -> None:
     bad = tmp_path / "policy.yaml"
     bad.write_text("format: 1\npurposes: [unclosed\n")
     with pytest.raises(CatalogError, match="policy.yaml"):
-        create_app(Settings(environment="dev", key_dir=tmp_path / "k", policy_file=bad,
-                            database_url=f"sqlite+aiosqlite:///{tmp_path}/x.db"))
+        create_app(
+            Settings(
+                environment="dev",
+                key_dir=tmp_path / "k",
+                policy_file=bad,
+                database_url=f"sqlite+aiosqlite:///{tmp_path}/x.db",
+            )
+        )
 
 
 def test_settings_refuse_unknown_and_unsafe_values(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -81,16 +81,27 @@ async def test_story_three_clinic_endpoint(world: World, records_server: Records
     legal, lawyer, _ = await _story_three(world, records_server)
     resp = await lawyer.post("/v1/disclosures", json=ASK)
     assert resp.status_code == 200, resp.text
-    assert resp.json()["fields_disclosed"] == ["forensic_exam_done", "injury_documentation", "visit_date"]
-    claims = open_payload(resp.json()["payload"], legal.enc_private,
-                          (await world.http.get("/.well-known/jwks.json")).json())
+    assert resp.json()["fields_disclosed"] == [
+        "forensic_exam_done",
+        "injury_documentation",
+        "visit_date",
+    ]
+    claims = open_payload(
+        resp.json()["payload"],
+        legal.enc_private,
+        (await world.http.get("/.well-known/jwks.json")).json(),
+    )
     assert "clinical_notes" not in claims["data"] and "diagnosis_codes" not in claims["data"]
-    assert records_server.requests[-1]["auth_error"] is None, "the clinic verified the broker's token"
+    assert records_server.requests[-1]["auth_error"] is None, (
+        "the clinic verified the broker's token"
+    )
     for _ in range(2):
         assert (await lawyer.post("/v1/disclosures", json=ASK)).status_code == 200
     assert (await lawyer.post("/v1/disclosures", json=ASK)).status_code == 403, "at most 3 uses"
     async with world.rt.sessionmaker() as session:
-        assert await session.scalar(select(func.count()).select_from(HeldRecord)) == 0, "no copy kept"
+        assert await session.scalar(select(func.count()).select_from(HeldRecord)) == 0, (
+            "no copy kept"
+        )
 
 
 @pytest.mark.parametrize(
@@ -118,11 +129,15 @@ async def test_failing_endpoint_gives_problem_and_ledger_entry(
     assert "strangulation" not in resp.text and "Bruising" not in resp.text
     assert records_server.redirect_target_hits == 0
     async with world.rt.sessionmaker() as session:
-        last = await session.scalar(select(LedgerPending.body).order_by(LedgerPending.seq.desc()).limit(1))
+        last = await session.scalar(
+            select(LedgerPending.body).order_by(LedgerPending.seq.desc()).limit(1)
+        )
     assert last is not None and '"disclosure.failed"' in last and f'"{reason}"' in last
 
 
-async def test_slow_endpoint_does_not_block_other_requests(world: World, records_server: RecordsServer) -> None:
+async def test_slow_endpoint_does_not_block_other_requests(
+    world: World, records_server: RecordsServer
+) -> None:
     _, lawyer, _ = await _story_three(world, records_server)
     records_server.behaviour = "slow"
     records_server.delay = 2.0
@@ -136,19 +151,38 @@ async def test_slow_endpoint_does_not_block_other_requests(world: World, records
 async def test_story_four_revocation_notice(world: World, webhook_server: WebhookServer) -> None:
     s = await story_one(world)
     assert world.admin is not None
-    r = await world.admin.patch(f"/v1/agencies/{s.police.id}", json={"webhook_url": webhook_server.url})
+    r = await world.admin.patch(
+        f"/v1/agencies/{s.police.id}", json={"webhook_url": webhook_server.url}
+    )
     assert r.status_code == 200
     depositor = await world.client(s.shelter.id, "agency")
-    await depositor.post("/v1/records", json={"subject_ref": "HH-2024-0042", "category": "shelter",
-                                              "record": {"intake_date": "2024-03-02", "bed_status": "assigned"}})
-    grant = await world.grant(s.advocate, **consent_body(
-        subject_id=s.subject_id, source_agency_ids=[s.shelter.id], recipient_agency_id=s.police.id))
+    await depositor.post(
+        "/v1/records",
+        json={
+            "subject_ref": "HH-2024-0042",
+            "category": "shelter",
+            "record": {"intake_date": "2024-03-02", "bed_status": "assigned"},
+        },
+    )
+    grant = await world.grant(
+        s.advocate,
+        **consent_body(
+            subject_id=s.subject_id,
+            source_agency_ids=[s.shelter.id],
+            recipient_agency_id=s.police.id,
+        ),
+    )
     ask = {"subject_ref": "PD-24-0193", "category": "shelter", "purpose": "safety_planning"}
     disclosed = await s.officer.post("/v1/disclosures", json=ask)
     assert disclosed.status_code == 200
     webhook_server.answer_status = 503  # the DV Unit's webhook is down at first
-    oral = {"attestation": attestation("verbal"), "reason": "Survivor phoned: stop sharing with police"}
-    assert (await s.advocate.post(f"/v1/consents/{grant['id']}/revoke", json=oral)).status_code == 200
+    oral = {
+        "attestation": attestation("verbal"),
+        "reason": "Survivor phoned: stop sharing with police",
+    }
+    assert (
+        await s.advocate.post(f"/v1/consents/{grant['id']}/revoke", json=oral)
+    ).status_code == 200
     assert (await s.officer.post("/v1/disclosures", json=ask)).status_code == 403
     assert await deliver_due(world.rt) == 1
     notices = (await s.advocate.get(f"/v1/consents/{grant['id']}/notices")).json()["items"]
@@ -156,13 +190,17 @@ async def test_story_four_revocation_notice(world: World, webhook_server: Webhoo
     assert notices[0]["last_status"] == "HTTP 503"
     webhook_server.answer_status = 204
     async with world.rt.sessionmaker() as session, session.begin():
-        await session.execute(update(WebhookDelivery).values(next_attempt_at=datetime.now(UTC) - timedelta(1)))
+        await session.execute(
+            update(WebhookDelivery).values(next_attempt_at=datetime.now(UTC) - timedelta(1))
+        )
     assert await deliver_due(world.rt) == 1
     notices = (await s.advocate.get(f"/v1/consents/{grant['id']}/notices")).json()["items"]
     assert notices[0]["status"] == "delivered" and notices[0]["attempts"] == 2
     delivery = webhook_server.deliveries[-1]
     assert delivery["content_type"] == "application/jose"
-    claims = verify_signed(delivery["body"], (await world.http.get("/.well-known/jwks.json")).json())
+    claims = verify_signed(
+        delivery["body"], (await world.http.get("/.well-known/jwks.json")).json()
+    )
     assert claims["event"] == "consent.revoked"
     assert claims["grant_id"] == grant["id"] and claims["grant_version"] == 2
     assert claims["subject_ref"] == "PD-24-0193"

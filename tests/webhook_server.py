@@ -23,5 +23,7 @@ class WebhookServer(RecordsServer):
 
     async def _hook(self, request: Request) -> Response:
         body = await request.body()
-        self.deliveries.append({"content_type": request.headers.get("content-type"), "body": body.decode()})
+        self.deliveries.append(
+            {"content_type": request.headers.get("content-type"), "body": body.decode()}
+        )
         return Response(status_code=self.answer_status)

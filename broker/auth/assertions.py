@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import warnings
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-import warnings
-
 from joserfc import jwt
 from joserfc.errors import JoseError, SecurityWarning
 from joserfc.jws import JWSRegistry
@@ -95,7 +94,9 @@ async def authenticate_client(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SecurityWarning)  # "EdDSA" name, RFC 9864
-            claims = jwt.decode(assertion, load_keyset({"keys": [jwk]}), registry=_REGISTRIES[allowed]).claims
+            claims = jwt.decode(
+                assertion, load_keyset({"keys": [jwk]}), registry=_REGISTRIES[allowed]
+            ).claims
     except (JoseError, ValueError, TypeError, KeyError):
         raise _invalid("The client assertion's signature does not verify.") from None
 

@@ -150,17 +150,26 @@ async def revoke_consent(
 
 
 @router.get("/{grant_id}/notices", responses=_ERRORS)
-async def revocation_notices(grant_id: str, caller: AdvocateCaller, session: SessionDep) -> NoticeList:
+async def revocation_notices(
+    grant_id: str, caller: AdvocateCaller, session: SessionDep
+) -> NoticeList:
     """Delivery state of the revocation notices sent to agencies that received data."""
     rows = await service.notices(session, caller, grant_id)
     return NoticeList(
         grant_id=grant_id,
         items=[
             NoticeOut(
-                id=n.id, agency_id=n.agency_id, grant_version=n.grant_version, event=n.event,
-                status=n.status, attempts=n.attempts, last_status=n.last_status,
-                disclosure_ids=n.disclosure_ids, next_attempt_at=n.next_attempt_at,
-                created_at=n.created_at, delivered_at=n.delivered_at,
+                id=n.id,
+                agency_id=n.agency_id,
+                grant_version=n.grant_version,
+                event=n.event,
+                status=n.status,
+                attempts=n.attempts,
+                last_status=n.last_status,
+                disclosure_ids=n.disclosure_ids,
+                next_attempt_at=n.next_attempt_at,
+                created_at=n.created_at,
+                delivered_at=n.delivered_at,
             )
             for n in rows
         ],

@@ -388,10 +388,14 @@ async def revoke_all_for_subject(
 ) -> int:
     """Revoke every grant still open for a survivor (used by erasure)."""
     heads = (
-        await session.execute(
-            select(ConsentGrant).where(ConsentGrant.subject_id == subject_id).with_for_update()
+        (
+            await session.execute(
+                select(ConsentGrant).where(ConsentGrant.subject_id == subject_id).with_for_update()
+            )
         )
-    ).scalars().all()
+        .scalars()
+        .all()
+    )
     revoked = 0
     for head in heads:
         latest = await session.get(ConsentVersion, (head.id, head.latest_version))

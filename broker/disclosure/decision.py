@@ -83,7 +83,9 @@ _STAGES = (
 )
 
 
-def _requested(request: DisclosureRequest, granted: frozenset[str], never: frozenset[str]) -> frozenset[str]:
+def _requested(
+    request: DisclosureRequest, granted: frozenset[str], never: frozenset[str]
+) -> frozenset[str]:
     if request.fields is None:
         return granted - never
     return request.fields

@@ -50,7 +50,9 @@ Depositor = Annotated[Principal, Depends(require(Role.agency, scope="records:dep
     },
     response_model=DisclosureOut,
 )
-async def disclose(body: DisclosureCreate, caller: AgencyCaller, session: SessionDep, rt: RuntimeDep) -> Response:
+async def disclose(
+    body: DisclosureCreate, caller: AgencyCaller, session: SessionDep, rt: RuntimeDep
+) -> Response:
     outcome = await request_disclosure(session, rt, caller, body)
     media = "application/json" if outcome.status == 200 else PROBLEM_MEDIA_TYPE
     return Response(orjson.dumps(outcome.body), status_code=outcome.status, media_type=media)
@@ -84,21 +86,29 @@ async def subject_accounting(
     report = await accounting.for_subject(session, caller, subject_id)
     if format == "json":
         return Response(report.model_dump_json(), media_type="application/json")
-    return Response(_csv(report), media_type="text/csv; charset=utf-8",
-                    headers={"Content-Disposition": f'attachment; filename="accounting-{subject_id}.csv"'})
+    return Response(
+        _csv(report),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="accounting-{subject_id}.csv"'},
+    )
 
 
 def _csv(report: Accounting) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
-    columns = list(type(report.items[0]).model_fields) if report.items else [
-        "disclosure_id", "at", "outcome", "reason"]
+    columns = (
+        list(type(report.items[0]).model_fields)
+        if report.items
+        else ["disclosure_id", "at", "outcome", "reason"]
+    )
     writer.writerow(columns)
     for item in report.items:
         row = item.model_dump()
         writer.writerow(
-            [";".join(v) if isinstance(v, list) else ("" if v is None else _safe_cell(v)) for v in
-             (row[c] for c in columns)]
+            [
+                ";".join(v) if isinstance(v, list) else ("" if v is None else _safe_cell(v))
+                for v in (row[c] for c in columns)
+            ]
         )
     return out.getvalue()
 

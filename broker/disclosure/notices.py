@@ -18,7 +18,14 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from broker.crypto.payload import sign_claims
-from broker.models import Agency, ConsentGrant, ConsentVersion, Disclosure, SubjectReference, WebhookDelivery
+from broker.models import (
+    Agency,
+    ConsentGrant,
+    ConsentVersion,
+    Disclosure,
+    SubjectReference,
+    WebhookDelivery,
+)
 from broker.runtime import Runtime
 
 log = logging.getLogger("broker.notices")
@@ -46,7 +53,8 @@ async def queue_revocation_notices(
             continue
         ref = await session.scalar(
             select(SubjectReference.reference).where(
-                SubjectReference.subject_id == grant.subject_id, SubjectReference.agency_id == agency_id
+                SubjectReference.subject_id == grant.subject_id,
+                SubjectReference.agency_id == agency_id,
             )
         )
         claims = {
@@ -58,7 +66,8 @@ async def queue_revocation_notices(
             "subject_ref": ref,
             "disclosure_ids": sorted(disclosure_ids),
             "data_life_days": version.data_life_days,
-            "instruction": "Stop using the data disclosed under this grant; delete it per data_life_days.",
+            "instruction": "Stop using the data disclosed under this grant; "
+            "delete it per data_life_days.",
             "iat": int(time.time()),
             "jti": str(uuid.uuid4()),
         }
@@ -110,7 +119,10 @@ async def _attempt(rt: Runtime, delivery: WebhookDelivery, url: str | None) -> N
     if url:
         try:
             resp = await rt.http.post(
-                url, content=delivery.body, headers={"Content-Type": "application/jose"}, timeout=5.0
+                url,
+                content=delivery.body,
+                headers={"Content-Type": "application/jose"},
+                timeout=5.0,
             )
             ok = 200 <= resp.status_code < 300
             outcome = f"HTTP {resp.status_code}"
@@ -122,6 +134,10 @@ async def _attempt(rt: Runtime, delivery: WebhookDelivery, url: str | None) -> N
         delivery.delivered_at = datetime.now(UTC)
     elif delivery.attempts >= rt.settings.webhook_max_attempts:
         delivery.status = "failed"
-        log.warning("revocation notice %s undeliverable after %d attempts", delivery.id, delivery.attempts)
+        log.warning(
+            "revocation notice %s undeliverable after %d attempts", delivery.id, delivery.attempts
+        )
     else:
-        delivery.next_attempt_at = datetime.now(UTC) + timedelta(seconds=backoff_seconds(delivery.attempts))
+        delivery.next_attempt_at = datetime.now(UTC) + timedelta(
+            seconds=backoff_seconds(delivery.attempts)
+        )

@@ -18,7 +18,9 @@ from broker.runtime import Runtime
 from broker.sources.held import seal_record
 
 
-async def deposit(session: AsyncSession, rt: Runtime, caller: Principal, body: RecordDeposit) -> RecordStored:
+async def deposit(
+    session: AsyncSession, rt: Runtime, caller: Principal, body: RecordDeposit
+) -> RecordStored:
     schema = rt.catalog.schemas.get(body.category)
     if schema is None:
         raise InvalidRequest(f"Unknown data category '{body.category}'.")
@@ -30,17 +32,28 @@ async def deposit(session: AsyncSession, rt: Runtime, caller: Principal, body: R
         await session.execute(
             select(Subject)
             .join(SubjectReference, SubjectReference.subject_id == Subject.id)
-            .where(SubjectReference.agency_id == caller.agency_id, SubjectReference.reference == body.subject_ref)
+            .where(
+                SubjectReference.agency_id == caller.agency_id,
+                SubjectReference.reference == body.subject_ref,
+            )
         )
     ).scalar_one_or_none()
     # The depositor asks about its own references only: saying "unknown" reveals nothing new.
     if row is None or row.wrapped_data_key is None:
         raise NotFound("No survivor is linked to this reference for your agency.")
-    blob = seal_record(rt.keys.records_kek, row.wrapped_data_key, row.id, caller.agency_id, body.category, clean)
+    blob = seal_record(
+        rt.keys.records_kek, row.wrapped_data_key, row.id, caller.agency_id, body.category, clean
+    )
     held = await repository.held_record(session, row.id, caller.agency_id, body.category)
     if held is None:
-        session.add(HeldRecord(subject_id=row.id, agency_id=caller.agency_id, category=body.category,
-                               ciphertext=blob))
+        session.add(
+            HeldRecord(
+                subject_id=row.id,
+                agency_id=caller.agency_id,
+                category=body.category,
+                ciphertext=blob,
+            )
+        )
     else:
         held.ciphertext = blob
         held.updated_at = datetime.now(UTC)
@@ -51,7 +64,15 @@ async def deposit(session: AsyncSession, rt: Runtime, caller: Principal, body: R
         actor=caller,
         agency_id=caller.agency_id,
         subject_id=row.id,
-        fields={"category": body.category, "fields": sorted(clean), "dropped_unknown_fields": dropped},
+        fields={
+            "category": body.category,
+            "fields": sorted(clean),
+            "dropped_unknown_fields": dropped,
+        },
     )
-    return RecordStored(category=body.category, fields_stored=sorted(clean), dropped_fields=dropped,
-                        ledger_entry=entry)
+    return RecordStored(
+        category=body.category,
+        fields_stored=sorted(clean),
+        dropped_fields=dropped,
+        ledger_entry=entry,
+    )

@@ -76,7 +76,8 @@ async def agencies_and_refs(
     session: AsyncSession, subject_id: str, agency_ids: list[str]
 ) -> tuple[dict[str, Agency], dict[str, str]]:
     agencies = {
-        a.id: a for a in (await session.execute(select(Agency).where(Agency.id.in_(agency_ids)))).scalars()
+        a.id: a
+        for a in (await session.execute(select(Agency).where(Agency.id.in_(agency_ids)))).scalars()
     }
     rows = await session.execute(
         select(SubjectReference.agency_id, SubjectReference.reference).where(

@@ -10,7 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 class DisclosureCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    subject_ref: str = Field(min_length=1, max_length=128, description="the requester's own reference")
+    subject_ref: str = Field(
+        min_length=1, max_length=128, description="the requester's own reference"
+    )
     category: str = Field(min_length=1, max_length=32)
     purpose: str = Field(min_length=1, max_length=64)
     fields: list[str] | None = Field(default=None, max_length=100)
@@ -18,7 +20,9 @@ class DisclosureCreate(BaseModel):
 
 class DisclosureOut(BaseModel):
     disclosure_id: str
-    payload: str = Field(description="JWE compact (ECDH-ES+A256KW, A256GCM) for the requester's key")
+    payload: str = Field(
+        description="JWE compact (ECDH-ES+A256KW, A256GCM) for the requester's key"
+    )
     fields_disclosed: list[str]
     fields_withheld: list[str]
     grant_id: str

@@ -110,7 +110,9 @@ class _Context:
         if self.subject_id is None:
             # Unknown reference: record a keyed commitment to what was guessed, so
             # auditors can count probing without the ledger holding the guess.
-            commitment = reference_commitment(rt.keys.subject_hmac, self.caller.agency_id, self.data.subject_ref)
+            commitment = reference_commitment(
+                rt.keys.subject_hmac, self.caller.agency_id, self.data.subject_ref
+            )
         fields: dict[str, Any] = {
             "disclosure_id": self.disclosure_id,
             "outcome": outcome,
@@ -165,15 +167,22 @@ class _Context:
         return entry_id
 
     async def denied(self, reason: str, grant: GrantView | None) -> Outcome:
-        await self.record(entry_type="disclosure.denied", outcome="denied", reason=reason, grant=grant)
+        await self.record(
+            entry_type="disclosure.denied", outcome="denied", reason=reason, grant=grant
+        )
         # Same status, shape and text for every reason: no existence oracle.
         body = NotPermitted(DENIAL_DETAIL).to_problem()
         body["instance"] = f"urn:uuid:{self.disclosure_id}"
         return Outcome(403, body)
 
-    async def failed(self, error: BrokerError, reason: str, grant: GrantView, source: str | None) -> Outcome:
+    async def failed(
+        self, error: BrokerError, reason: str, grant: GrantView, source: str | None
+    ) -> Outcome:
         await self.record(
-            entry_type="disclosure.failed", outcome="failed", reason=reason, grant=grant,
+            entry_type="disclosure.failed",
+            outcome="failed",
+            reason=reason,
+            grant=grant,
             source_agency_id=source,
         )
         body = error.to_problem()
@@ -200,7 +209,9 @@ class _Context:
             try:
                 record, dropped = await self._fetch(source, refs.get(source.id))
             except SourceFailure as failure:
-                return await self.failed(failure.to_broker_error(), failure.reason, grant, source.id)
+                return await self.failed(
+                    failure.to_broker_error(), failure.reason, grant, source.id
+                )
             except RecordUnreadable:
                 continue  # erased or damaged: nothing readable at this source
             if record is not None:
@@ -211,7 +222,9 @@ class _Context:
 
         if not await repository.take_use(self.session, grant):
             # Lost a race: the grant changed (revoked, paused, revised) or the last use went.
-            resolved = await repository.resolve(self.session, self.caller.agency_id, self.data.subject_ref)
+            resolved = await repository.resolve(
+                self.session, self.caller.agency_id, self.data.subject_ref
+            )
             try:
                 permit = decide(self.req, resolved.grants, self.rt.catalog.policy, self.now)
             except Denied as denial:
@@ -263,7 +276,9 @@ class _Context:
             },
         )
 
-    async def _fetch(self, source: Agency, reference: str | None) -> tuple[dict[str, Any] | None, int]:
+    async def _fetch(
+        self, source: Agency, reference: str | None
+    ) -> tuple[dict[str, Any] | None, int]:
         assert self.subject_id is not None
         if source.records_endpoint:
             if reference is None:
@@ -281,17 +296,26 @@ class _Context:
                 max_bytes=self.rt.settings.records_max_bytes,
             )
             return result.record, result.dropped_fields
-        held = await repository.held_record(self.session, self.subject_id, source.id, self.req.category)
+        held = await repository.held_record(
+            self.session, self.subject_id, source.id, self.req.category
+        )
         if held is None:
             return None, 0
         subject = await self.session.get(Subject, self.subject_id)
         wrapped = subject.wrapped_data_key if subject else None
         return open_record(
-            self.rt.keys.records_kek, wrapped, self.subject_id, source.id, self.req.category, held.ciphertext
+            self.rt.keys.records_kek,
+            wrapped,
+            self.subject_id,
+            source.id,
+            self.req.category,
+            held.ciphertext,
         ), 0
 
     async def _no_record(self, grant: GrantView) -> Outcome:
-        await self.record(entry_type="disclosure.no_record", outcome="no_record", reason="no_record", grant=grant)
+        await self.record(
+            entry_type="disclosure.no_record", outcome="no_record", reason="no_record", grant=grant
+        )
         body = {
             "type": PROBLEM_BASE + "record-not-found",
             "title": "No record",

@@ -20,18 +20,34 @@ from broker.crypto.datakeys import (
 )
 
 
-def seal_record(kek: bytes, wrapped_key: bytes, subject_id: str, agency_id: str, category: str,
-                record: dict[str, Any]) -> bytes:
+def seal_record(
+    kek: bytes,
+    wrapped_key: bytes,
+    subject_id: str,
+    agency_id: str,
+    category: str,
+    record: dict[str, Any],
+) -> bytes:
     data_key = unwrap_data_key(kek, wrapped_key)
-    return encrypt_record(data_key, orjson.dumps(record), record_aad(subject_id, agency_id, category))
+    return encrypt_record(
+        data_key, orjson.dumps(record), record_aad(subject_id, agency_id, category)
+    )
 
 
-def open_record(kek: bytes, wrapped_key: bytes | None, subject_id: str, agency_id: str, category: str,
-                blob: bytes) -> dict[str, Any]:
+def open_record(
+    kek: bytes,
+    wrapped_key: bytes | None,
+    subject_id: str,
+    agency_id: str,
+    category: str,
+    blob: bytes,
+) -> dict[str, Any]:
     if wrapped_key is None:
         raise RecordUnreadable("the survivor's data key was destroyed")
     data_key = unwrap_data_key(kek, wrapped_key)
-    value = orjson.loads(decrypt_record(data_key, blob, record_aad(subject_id, agency_id, category)))
+    value = orjson.loads(
+        decrypt_record(data_key, blob, record_aad(subject_id, agency_id, category))
+    )
     if not isinstance(value, dict):
         raise RecordUnreadable("stored record is not an object")
     return value

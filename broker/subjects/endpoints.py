@@ -72,7 +72,11 @@ async def link_reference(
 
 @router.delete("/subjects/{subject_id}", responses=_ERRORS)
 async def erase_subject(
-    subject_id: str, body: ConsentLifecycle, caller: AdvocateCaller, session: SessionDep, rt: RuntimeDep
+    subject_id: str,
+    body: ConsentLifecycle,
+    caller: AdvocateCaller,
+    session: SessionDep,
+    rt: RuntimeDep,
 ) -> dict[str, object]:
     """Erase a survivor: her grants are revoked and her held records made unreadable."""
     revoked = await service.erase(session, rt, caller, subject_id, body)

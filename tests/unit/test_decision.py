@@ -30,16 +30,27 @@ class FakePolicy:
 
 def grant(**over: object) -> GrantView:
     base = GrantView(
-        grant_id="g1", version=1, status="active", recipient_agency_id="R",
-        source_agency_ids=("S",), fields={"shelter": frozenset({"a", "b"})},
-        purposes=frozenset({"p"}), valid_from=NOW - timedelta(days=1), expires_at=NOW + timedelta(days=1),
-        max_uses=None, uses=0, excluded_client_ids=frozenset(), data_life_days=30,
+        grant_id="g1",
+        version=1,
+        status="active",
+        recipient_agency_id="R",
+        source_agency_ids=("S",),
+        fields={"shelter": frozenset({"a", "b"})},
+        purposes=frozenset({"p"}),
+        valid_from=NOW - timedelta(days=1),
+        expires_at=NOW + timedelta(days=1),
+        max_uses=None,
+        uses=0,
+        excluded_client_ids=frozenset(),
+        data_life_days=30,
     )
     return replace(base, **over)  # type: ignore[arg-type]
 
 
 def request(**over: object) -> DisclosureRequest:
-    base = DisclosureRequest(agency_id="R", client_id="c1", category="shelter", purpose="p", fields=None)
+    base = DisclosureRequest(
+        agency_id="R", client_id="c1", category="shelter", purpose="p", fields=None
+    )
     return replace(base, **over)  # type: ignore[arg-type]
 
 
@@ -65,7 +76,9 @@ def test_each_denial_reason() -> None:
     assert reason(request(), [grant(max_uses=2, uses=2)]) == "uses_exhausted"
     assert reason(request(), [grant(excluded_client_ids=frozenset({"c1"}))]) == "recipient_excluded"
     assert reason(request(), [grant(fields={"shelter": frozenset()})]) == "no_permitted_fields"
-    assert reason(request(), [grant()], FakePolicy()) == "no_permitted_fields", "empty policy permits nothing"
+    assert reason(request(), [grant()], FakePolicy()) == "no_permitted_fields", (
+        "empty policy permits nothing"
+    )
 
 
 def test_exclusion_overrides_another_permit() -> None:
@@ -81,8 +94,13 @@ def test_closest_reason_is_reported() -> None:
 def test_never_disclosable_needs_grant_and_explicit_request() -> None:
     g = grant(fields={"shelter": frozenset({"a", "loc"})})
     assert decide(request(), [g], POLICY, NOW).disclosed == {"a"}
-    assert decide(request(fields=frozenset({"a", "loc"})), [g], POLICY, NOW).disclosed == {"a", "loc"}
-    assert decide(request(fields=frozenset({"loc", "a"})), [grant()], POLICY, NOW).disclosed == {"a"}
+    assert decide(request(fields=frozenset({"a", "loc"})), [g], POLICY, NOW).disclosed == {
+        "a",
+        "loc",
+    }
+    assert decide(request(fields=frozenset({"loc", "a"})), [grant()], POLICY, NOW).disclosed == {
+        "a"
+    }
 
 
 names = st.frozensets(st.sampled_from(FIELDS))
@@ -100,12 +118,23 @@ names = st.frozensets(st.sampled_from(FIELDS))
     offset=st.integers(-3, 3),
 )
 def test_disclosed_fields_are_minimal(
-    granted: frozenset[str], policy_fields: frozenset[str], requested: frozenset[str] | None,
-    never: frozenset[str], status: str, uses: int, max_uses: int | None, offset: int,
+    granted: frozenset[str],
+    policy_fields: frozenset[str],
+    requested: frozenset[str] | None,
+    never: frozenset[str],
+    status: str,
+    uses: int,
+    max_uses: int | None,
+    offset: int,
 ) -> None:
     policy = FakePolicy({("shelter", "p"): policy_fields}, never)
-    g = grant(fields={"shelter": granted}, status=status, uses=uses, max_uses=max_uses,
-              expires_at=NOW + timedelta(days=offset))
+    g = grant(
+        fields={"shelter": granted},
+        status=status,
+        uses=uses,
+        max_uses=max_uses,
+        expires_at=NOW + timedelta(days=offset),
+    )
     req = request(fields=requested)
     try:
         permit = decide(req, [g], policy, NOW)
@@ -119,13 +148,22 @@ def test_disclosed_fields_are_minimal(
     assert permit.disclosed <= wanted & granted & policy_fields
     for name in permit.disclosed & never:
         assert name in granted and requested is not None and name in requested
-    assert permit.withheld == (wanted if requested is not None else granted - never) - permit.disclosed
+    assert (
+        permit.withheld == (wanted if requested is not None else granted - never) - permit.disclosed
+    )
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.builds(lambda s, e: grant(status=s, excluded_client_ids=e),
-                          st.sampled_from(["active", "paused", "revoked"]),
-                          st.frozensets(st.sampled_from(["c1", "c2"]))), max_size=4))
+@given(
+    st.lists(
+        st.builds(
+            lambda s, e: grant(status=s, excluded_client_ids=e),
+            st.sampled_from(["active", "paused", "revoked"]),
+            st.frozensets(st.sampled_from(["c1", "c2"])),
+        ),
+        max_size=4,
+    )
+)
 def test_any_exclusion_denies(grants: list[GrantView]) -> None:
     if any("c1" in g.excluded_client_ids for g in grants):
         assert reason(request(), grants) == "recipient_excluded"
