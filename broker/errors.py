@@ -177,6 +177,8 @@ def install_error_handlers(app: FastAPI) -> None:
         )
         if isinstance(exc, OAuthError):
             headers = {"Cache-Control": "no-store"}
+        if "retry_after" in exc.extra:
+            headers = {"Retry-After": str(exc.extra["retry_after"])}
         return problem_response(exc.status_code, exc.to_problem(), headers)
 
     @app.exception_handler(RequestValidationError)

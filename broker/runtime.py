@@ -10,6 +10,7 @@ import httpx
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from broker.auth.ratelimit import RateLimiter
 from broker.auth.tokens import AccessTokenVerifier
 from broker.catalog import Catalog, load_catalog
 from broker.crypto.keystore import BrokerKeys
@@ -31,6 +32,7 @@ class Runtime:
     sessionmaker: async_sessionmaker[AsyncSession]
     token_verifier: AccessTokenVerifier
     http: httpx.AsyncClient
+    limiter: RateLimiter
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
@@ -62,6 +64,7 @@ def build_runtime(settings: Settings) -> Runtime:
         sessionmaker=make_sessionmaker(engine),
         token_verifier=AccessTokenVerifier(keys.token_signing, settings.issuer),
         http=http,
+        limiter=RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst),
     )
 
 

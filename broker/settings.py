@@ -52,6 +52,10 @@ class Settings(BaseSettings):
         "Set false in production so only https:// endpoints can be registered.",
     )
 
+    rate_limit_per_second: float = Field(
+        default=50.0, ge=0, description="Sustained requests per second per client; 0 disables."
+    )
+    rate_limit_burst: int = Field(default=200, ge=1, le=100_000)
     sequencer_interval_seconds: float = Field(default=0.05, gt=0, le=10)
     sequencer_batch_size: int = Field(default=2000, ge=1, le=100_000)
     run_background_workers: bool = True

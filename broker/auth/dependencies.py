@@ -19,7 +19,9 @@ async def current_principal(request: Request, session: SessionDep) -> Principal:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token or len(token) > 4096:
         raise Unauthenticated("A bearer access token is required.")
-    principal: Principal = request.app.state.runtime.token_verifier.verify(token.strip())
+    rt = request.app.state.runtime
+    principal: Principal = rt.token_verifier.verify(token.strip())
+    rt.limiter.hit(principal.client_id)
     row = (
         await session.execute(
             select(Client.status, Agency.status)

@@ -42,6 +42,7 @@ async def token(
             status_code=401,
         )
     rt = request.app.state.runtime
+    rt.limiter.hit(f"token-endpoint:{request.client.host if request.client else 'unknown'}")
     client, agency = await authenticate_client(
         session,
         client_assertion,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import orjson
 from fastapi import APIRouter, Path, status
+from starlette.responses import Response
 
 from broker.auth.dependencies import AdvocateCaller
-from broker.consent import service
+from broker.consent import fhir, service
 from broker.consent.schemas import (
     Attestation,
     ConsentCreate,
@@ -174,3 +176,12 @@ async def revocation_notices(
             for n in rows
         ],
     )
+
+
+@router.get("/{grant_id}/fhir", responses=_ERRORS)
+async def consent_as_fhir(grant_id: str, caller: AdvocateCaller, session: SessionDep) -> Response:
+    """The latest version as an HL7 FHIR R4 Consent resource (application/fhir+json)."""
+    head, version = await service.get_grant(session, caller, grant_id)
+    status = service.effective_status(version, datetime.now(UTC))
+    body = fhir.consent_resource(head, version, status.value)
+    return Response(orjson.dumps(body), media_type="application/fhir+json")

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import csv
 import io
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
 import orjson
 from fastapi import APIRouter, Depends, Query, status
 from starlette.responses import Response
 
-from broker.auth.dependencies import AdvocateCaller, AgencyCaller, require
+from broker.auth.dependencies import AdvocateCaller, AgencyCaller, AuditorCaller, require
 from broker.auth.roles import Principal, Role
 from broker.db import SessionDep
-from broker.disclosure import accounting, records
+from broker.disclosure import accounting, audit, records
 from broker.disclosure.schemas import (
     Accounting,
+    DenialReport,
     DisclosureCreate,
     DisclosureOut,
     RecordDeposit,
@@ -117,3 +119,21 @@ def _safe_cell(value: object) -> str:
     """Neutralise spreadsheet formula injection (cells starting with = + - @)."""
     text = str(value)
     return "'" + text if text[:1] in {"=", "+", "-", "@"} else text
+
+
+@router.get("/audit/denials", responses=error_responses(InvalidRequest, Unauthenticated, Forbidden))
+async def denials(
+    caller: AuditorCaller,
+    session: SessionDep,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    threshold: Annotated[int, Query(ge=1, le=1_000_000)] = 10,
+) -> DenialReport:
+    """Denials per agency, client and reason: repeated probing shows up here."""
+    until = until or datetime.now(UTC)
+    since = since or until - timedelta(days=1)
+    if since.tzinfo is None or until.tzinfo is None:
+        raise InvalidRequest("since and until need a time zone (e.g. 2026-01-01T00:00:00Z).")
+    if since >= until:
+        raise InvalidRequest("since must be before until.")
+    return await audit.denial_report(session, since, until, threshold)

@@ -67,3 +67,23 @@ class AccountingItem(BaseModel):
 class Accounting(BaseModel):
     subject_id: str
     items: list[AccountingItem]
+
+
+class DenialCount(BaseModel):
+    agency_id: str
+    client_id: str
+    reason: str
+    denials: int
+    unknown_subject: int = Field(description="denials naming a reference the broker does not know")
+    first_at: datetime
+    last_at: datetime
+
+
+class DenialReport(BaseModel):
+    since: datetime
+    until: datetime
+    threshold: int
+    flagged_clients: list[str] = Field(
+        description="clients at or over the threshold: possible fishing"
+    )
+    items: list[DenialCount]
