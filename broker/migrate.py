@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from alembic import command
 from alembic.config import Config
 
 from broker.settings import REPO_ROOT
 
 
+def _project_root() -> Path:
+    """The checkout when run from source; the working directory in an installed image."""
+    return REPO_ROOT if (REPO_ROOT / "alembic.ini").exists() else Path.cwd()
+
+
 def alembic_config(database_url: str) -> Config:
-    cfg = Config(str(REPO_ROOT / "alembic.ini"))
-    cfg.set_main_option("script_location", str(REPO_ROOT / "migrations"))
+    root = _project_root()
+    cfg = Config(str(root / "alembic.ini"))
+    cfg.set_main_option("script_location", str(root / "migrations"))
     cfg.attributes["database_url"] = database_url
     return cfg
 
