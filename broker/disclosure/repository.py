@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import and_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from broker.disclosure.decision import GrantView
-from broker.models import Agency, ConsentGrant, ConsentVersion, HeldRecord, SubjectReference
+from broker.models import (
+    Agency,
+    ConsentGrant,
+    ConsentVersion,
+    HeldRecord,
+    Subject,
+    SubjectReference,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,25 +75,60 @@ def _view(v: ConsentVersion, uses: int) -> GrantView:
 
 
 @dataclass(frozen=True, slots=True)
-class SourceInfo:
-    agency: Agency
-    reference: str | None
+class Party:
+    """An agency taking part in one disclosure, with what the broker holds for it."""
+
+    id: str
+    status: str
+    encryption_jwks: dict[str, Any]
+    records_endpoint: str | None
+    reference: str | None  # this agency's own reference for the survivor
+    held: bytes | None  # deposited record of the requested category, encrypted
 
 
-async def agencies_and_refs(
-    session: AsyncSession, subject_id: str, agency_ids: list[str]
-) -> tuple[dict[str, Agency], dict[str, str]]:
-    agencies = {
-        a.id: a
-        for a in (await session.execute(select(Agency).where(Agency.id.in_(agency_ids)))).scalars()
-    }
-    rows = await session.execute(
-        select(SubjectReference.agency_id, SubjectReference.reference).where(
-            SubjectReference.subject_id == subject_id, SubjectReference.agency_id.in_(agency_ids)
+async def parties(
+    session: AsyncSession, subject_id: str, category: str, agency_ids: list[str]
+) -> tuple[dict[str, Party], bytes | None]:
+    """Recipient and sources with their references and held records, in one statement.
+
+    Also returns the survivor's wrapped data key (None once erased).
+    """
+    stmt = (
+        select(
+            Agency.id,
+            Agency.status,
+            Agency.encryption_jwks,
+            Agency.records_endpoint,
+            SubjectReference.reference,
+            HeldRecord.ciphertext,
+            Subject.wrapped_data_key,
         )
+        .select_from(Agency)
+        .join(Subject, Subject.id == subject_id)
+        .outerjoin(
+            SubjectReference,
+            and_(
+                SubjectReference.agency_id == Agency.id, SubjectReference.subject_id == subject_id
+            ),
+        )
+        .outerjoin(
+            HeldRecord,
+            and_(
+                HeldRecord.agency_id == Agency.id,
+                HeldRecord.subject_id == subject_id,
+                HeldRecord.category == category,
+            ),
+        )
+        .where(Agency.id.in_(agency_ids))
     )
-    refs = {agency_id: reference for agency_id, reference in rows.all()}
-    return agencies, refs
+    found: dict[str, Party] = {}
+    wrapped: bytes | None = None
+    for agency_id, status, jwks, endpoint, reference, held, key in (
+        await session.execute(stmt)
+    ).all():
+        found[agency_id] = Party(agency_id, status, jwks, endpoint, reference, held)
+        wrapped = key
+    return found, wrapped
 
 
 async def held_record(

@@ -25,7 +25,7 @@ from broker.disclosure.decision import Denied, DisclosureRequest, GrantView, Per
 from broker.disclosure.schemas import DisclosureCreate
 from broker.errors import PROBLEM_BASE, BrokerError, InvalidRequest, NotPermitted
 from broker.ledger.entries import append_entry
-from broker.models import Agency, Disclosure, Subject
+from broker.models import Disclosure
 from broker.runtime import Runtime
 from broker.sources.endpoint import SourceFailure, fetch_record
 from broker.sources.held import open_record
@@ -193,7 +193,9 @@ class _Context:
         assert self.subject_id is not None
         grant = permit.grant
         ids = [self.caller.agency_id, *grant.source_agency_ids]
-        agencies, refs = await repository.agencies_and_refs(self.session, self.subject_id, ids)
+        agencies, wrapped_key = await repository.parties(
+            self.session, self.subject_id, self.req.category, ids
+        )
         recipient = agencies.get(self.caller.agency_id)
         if recipient is None or not recipient.encryption_jwks.get("keys"):
             return await self.denied("recipient_has_no_key", grant)
@@ -203,11 +205,11 @@ class _Context:
             return await self.denied("agency_suspended", grant)
 
         record: dict[str, Any] | None = None
-        source_used: Agency | None = None
+        source_used: repository.Party | None = None
         dropped = 0
         for source in active_sources:
             try:
-                record, dropped = await self._fetch(source, refs.get(source.id))
+                record, dropped = await self._fetch(source, wrapped_key)
             except SourceFailure as failure:
                 return await self.failed(
                     failure.to_broker_error(), failure.reason, grant, source.id
@@ -277,11 +279,11 @@ class _Context:
         )
 
     async def _fetch(
-        self, source: Agency, reference: str | None
+        self, source: repository.Party, wrapped_key: bytes | None
     ) -> tuple[dict[str, Any] | None, int]:
         assert self.subject_id is not None
         if source.records_endpoint:
-            if reference is None:
+            if source.reference is None:
                 return None, 0
             schema = self.rt.catalog.schemas[self.req.category]
             result = await fetch_record(
@@ -290,27 +292,23 @@ class _Context:
                 signing_key=self.rt.keys.token_signing,
                 issuer=self.rt.settings.issuer,
                 holder_agency_id=source.id,
-                subject_ref=reference,
+                subject_ref=source.reference,
                 category=self.req.category,
                 schema=schema,
                 max_bytes=self.rt.settings.records_max_bytes,
             )
             return result.record, result.dropped_fields
-        held = await repository.held_record(
-            self.session, self.subject_id, source.id, self.req.category
-        )
-        if held is None:
+        if source.held is None:
             return None, 0
-        subject = await self.session.get(Subject, self.subject_id)
-        wrapped = subject.wrapped_data_key if subject else None
-        return open_record(
+        record = open_record(
             self.rt.keys.records_kek,
-            wrapped,
+            wrapped_key,
             self.subject_id,
             source.id,
             self.req.category,
-            held.ciphertext,
-        ), 0
+            source.held,
+        )
+        return record, 0
 
     async def _no_record(self, grant: GrantView) -> Outcome:
         await self.record(
