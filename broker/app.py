@@ -78,8 +78,9 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
 def _optional_routers() -> list[Any]:
     """Routers of domains added after the foundation; each import is explicit."""
     from broker.disclosure.endpoints import router as disclosure_router
+    from broker.ledger.endpoints import router as ledger_router
 
-    routers: list[Any] = [disclosure_router]
+    routers: list[Any] = [disclosure_router, ledger_router]
     return routers
 
 

@@ -46,19 +46,15 @@ async def purge_used_assertions(rt: Runtime) -> None:
 
 def start_workers(rt: Runtime) -> list[asyncio.Task[None]]:
     from broker.disclosure.notices import deliver_due
+    from broker.ledger.sequencer import integrate_until_empty
 
     loops: list[tuple[str, float, Callable[[], Awaitable[object]]]] = [
         ("webhooks", 1.0, lambda: deliver_due(rt)),
         ("assertion-purge", 60.0, lambda: purge_used_assertions(rt)),
     ]
-    try:
-        from broker.ledger.sequencer import integrate_pending
-    except ImportError:  # the sequencer lands with the ledger issue
-        pass
-    else:
-        loops.append(
-            ("sequencer", rt.settings.sequencer_interval_seconds, lambda: integrate_pending(rt))
-        )
+    loops.append(
+        ("sequencer", rt.settings.sequencer_interval_seconds, lambda: integrate_until_empty(rt))
+    )
     return [
         asyncio.create_task(_loop(name, interval, step), name=name)
         for name, interval, step in loops

@@ -1,0 +1,170 @@
+"""The sequencer: moves outbox entries into the Merkle tree and signs a checkpoint.
+
+Requests only ever insert into ``ledger_pending``, so they never contend for the
+tree. One sequencer at a time (a PostgreSQL transaction-scoped advisory lock
+across processes; on SQLite the database's single writer plus an in-process
+lock) takes a batch in outbox order, gives it the next contiguous indices,
+stores every subtree node the batch completes and signs one checkpoint for the
+grown tree — all in one transaction, so a crash leaves either the whole batch
+integrated or none of it, and the entries stay in the outbox for the next try.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from sqlalchemy import and_, delete, func, insert, or_, select, text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from broker.ledger.checkpoint import Checkpoint, sign_checkpoint
+from broker.ledger.merkle import Node, append_leaves, root_from_frontier, subtree_nodes
+from broker.models import LedgerCheckpoint, LedgerEntry, LedgerNode, LedgerPending
+
+if TYPE_CHECKING:
+    from broker.runtime import Runtime
+
+# pg_advisory_xact_lock key: the first 8 bytes of SHA-256("consent-broker/ledger-sequencer").
+SEQUENCER_LOCK_KEY = int.from_bytes(
+    hashlib.sha256(b"consent-broker/ledger-sequencer").digest()[:8], "big", signed=True
+)
+
+_local_lock = asyncio.Lock()
+
+
+class _Frontier:
+    """The right edge of the tree as last written by this process.
+
+    The tree only grows, so the frontier for a size this process wrote is still
+    valid whenever the stored size equals it; otherwise it is read again.
+    """
+
+    size = -1
+    nodes: dict[Node, bytes] = {}  # replaced wholesale, never mutated
+
+
+async def tree_size(session: AsyncSession) -> int:
+    last = (await session.execute(select(func.max(LedgerEntry.idx)))).scalar_one_or_none()
+    return 0 if last is None else int(last) + 1
+
+
+async def load_nodes(session: AsyncSession, wanted: set[Node]) -> dict[Node, bytes]:
+    """Fetch stored subtree hashes in one query (``wanted`` is O(log n) nodes)."""
+    if not wanted:
+        return {}
+    cond = or_(*(and_(LedgerNode.level == lv, LedgerNode.idx == ix) for lv, ix in wanted))
+    rows = (
+        await session.execute(select(LedgerNode.level, LedgerNode.idx, LedgerNode.hash).where(cond))
+    ).all()
+    return {(int(lv), int(ix)): bytes(h) for lv, ix, h in rows}
+
+
+async def _frontier(session: AsyncSession, size: int) -> dict[Node, bytes]:
+    if _Frontier.size == size:
+        return _Frontier.nodes
+    wanted = set(subtree_nodes(0, size))
+    nodes = await load_nodes(session, wanted)
+    missing = wanted - nodes.keys()
+    if missing:
+        raise RuntimeError(f"ledger tree is missing nodes {sorted(missing)} at size {size}")
+    return nodes
+
+
+async def _lock(session: AsyncSession) -> None:
+    if session.get_bind().dialect.name == "postgresql":
+        await session.execute(
+            text("SELECT pg_advisory_xact_lock(:key)"), {"key": SEQUENCER_LOCK_KEY}
+        )
+    else:
+        # Take SQLite's write lock before reading the size: a second process's
+        # sequencer then waits here instead of racing for the same indices.
+        await session.execute(text("DELETE FROM ledger_pending WHERE 0"))
+
+
+async def integrate_pending(rt: Runtime, *, batch_size: int | None = None) -> int:
+    """Integrate one batch from the outbox; returns how many entries it added."""
+    limit = batch_size or rt.settings.sequencer_batch_size
+    async with _local_lock, rt.sessionmaker() as session:
+        try:
+            async with session.begin():
+                return await _integrate(rt, session, limit)
+        except BaseException:
+            _Frontier.size = -1  # the transaction did not commit: forget what it wrote
+            raise
+
+
+async def _integrate(rt: Runtime, session: AsyncSession, limit: int) -> int:
+    await _lock(session)
+    pending = (
+        await session.execute(
+            select(
+                LedgerPending.seq,
+                LedgerPending.entry_id,
+                LedgerPending.entry_type,
+                LedgerPending.agency_id,
+                LedgerPending.subject_commitment,
+                LedgerPending.body,
+                LedgerPending.created_at,
+            )
+            .order_by(LedgerPending.seq)
+            .limit(limit)
+        )
+    ).all()
+    if not pending:
+        return 0
+    size = await tree_size(session)
+    frontier = await _frontier(session, size)
+    sha256 = hashlib.sha256
+    leaves = [sha256(b"\x00" + row.body.encode("utf-8")).digest() for row in pending]
+    created, grown = append_leaves(size, frontier, leaves)
+    now = datetime.now(UTC)
+    await session.execute(
+        insert(LedgerEntry),
+        [
+            {
+                "idx": size + i,
+                "entry_id": row.entry_id,
+                "entry_type": row.entry_type,
+                "agency_id": row.agency_id,
+                "subject_commitment": row.subject_commitment,
+                "body": row.body,
+                "leaf_hash": leaves[i],
+                "created_at": row.created_at,
+                "integrated_at": now,
+            }
+            for i, row in enumerate(pending)
+        ],
+    )
+    await session.execute(
+        insert(LedgerNode), [{"level": lv, "idx": ix, "hash": h} for lv, ix, h in created]
+    )
+    # By key, not by range: a row with a lower seq may commit after the read above.
+    await session.execute(
+        delete(LedgerPending).where(LedgerPending.seq.in_([row.seq for row in pending]))
+    )
+    new_size = size + len(pending)
+    root = root_from_frontier(new_size, grown)
+    origin = rt.settings.ledger_origin
+    note = sign_checkpoint(
+        Checkpoint(origin=origin, size=new_size, root_hash=root), origin, rt.keys.checkpoint_signing
+    )
+    await session.execute(
+        insert(LedgerCheckpoint).values(
+            tree_size=new_size, root_hash=root, note=note, created_at=now
+        )
+    )
+    _Frontier.size, _Frontier.nodes = new_size, grown
+    return len(pending)
+
+
+async def integrate_until_empty(rt: Runtime, *, max_batches: int = 100_000) -> int:
+    """Drain the outbox (tests, start-up, benchmarks); returns the entries added."""
+    total = 0
+    for _ in range(max_batches):
+        added = await integrate_pending(rt)
+        if not added:
+            break
+        total += added
+    return total
