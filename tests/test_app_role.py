@@ -1,0 +1,74 @@
+"""deploy/sql/app_role.sql: the service role appends to the ledger but cannot rewrite it."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from broker.app import create_app
+from broker.ledger.entries import append_entry
+from broker.ledger.sequencer import integrate_until_empty
+from broker.settings import Settings
+from tests.conftest import PG_ADMIN_DSN
+
+pytestmark = pytest.mark.postgres_only
+
+SQL = Path(__file__).resolve().parent.parent / "deploy" / "sql" / "app_role.sql"
+
+
+async def test_app_role_cannot_rewrite_append_only_tables(
+    database_url: str, settings: Settings, world: object
+) -> None:
+    role = f"broker_app_{uuid.uuid4().hex[:8]}"
+    owner_dsn = database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+    owner = await asyncpg.connect(owner_dsn)
+    try:
+        await owner.execute(SQL.read_text().replace("broker_app", role))
+        app_dsn = owner_dsn.replace("://postgres@", f"://{role}@", 1)
+        app_url = database_url.replace("://postgres@", f"://{role}@", 1)
+        # The whole service works under the role: start-up, requests, the sequencer.
+        app = create_app(settings.model_copy(update={"database_url": app_url}))
+        async with app.router.lifespan_context(app):
+            rt = app.state.runtime
+            async with rt.sessionmaker() as session, session.begin():
+                await append_entry(
+                    session,
+                    hmac_key=rt.keys.subject_hmac,
+                    entry_type="test.probe",
+                    actor=None,
+                    agency_id=None,
+                )
+            assert await integrate_until_empty(rt) >= 1
+        conn = await asyncpg.connect(app_dsn)
+        try:
+            for table in (
+                "ledger_entries",
+                "ledger_nodes",
+                "ledger_checkpoints",
+                "consent_versions",
+            ):
+                for sql in (
+                    f"UPDATE {table} SET created_at = created_at"
+                    if table != "ledger_nodes"
+                    else f"UPDATE {table} SET idx = idx",
+                    f"DELETE FROM {table}",
+                    f"TRUNCATE {table}",
+                ):
+                    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                        await conn.execute(sql)
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.execute("DROP TABLE ledger_entries")
+            assert await conn.fetchval("SELECT count(*) FROM ledger_entries") >= 1
+        finally:
+            await conn.close()
+    finally:
+        await owner.execute(f'REASSIGN OWNED BY "{role}" TO postgres; DROP OWNED BY "{role}"')
+        await owner.close()
+        admin = await asyncpg.connect(PG_ADMIN_DSN)
+        try:
+            await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
+        finally:
+            await admin.close()
