@@ -123,6 +123,48 @@ def test_walkthrough_and_demo(served: tuple[str, dict[str, str]], tmp_path: Path
     assert "shelter_location" in demo.stdout  # listed as withheld, never as data
     assert "(confidential)" not in demo.stdout
 
+    # The auditor's offline check, fetching the export from the running broker.
+    resp = httpx.post(
+        f"{url}/v1/clients",
+        headers={"Authorization": f"Bearer {token}"},
+        json={
+            "agency_id": resp.json()["id"],
+            "role": "auditor",
+            "name": "oversight",
+            "jwks": json.loads((keys / "ops.sig.jwks.json").read_text()),
+        },
+    )
+    assert resp.status_code == 201, resp.text
+    vkey = httpx.get(f"{url}/v1/ledger/key").json()["verifier_key"]
+    (tmp_path / "vkey.txt").write_text(vkey)
+    deadline = time.monotonic() + 10
+    while True:  # the sequencer integrates within a fraction of a second
+        verified = subprocess.run(  # noqa: S603
+            [
+                str(BIN / "broker"),
+                "ledger",
+                "verify",
+                "--url",
+                url,
+                "--vkey",
+                f"@{tmp_path / 'vkey.txt'}",
+                "--client-id",
+                resp.json()["client_id"],
+                "--key",
+                str(keys / "ops.sig.private.jwk.json"),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if verified.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert verified.stdout.startswith("OK: ") and "checkpoints verified" in verified.stdout
+
 
 def test_production_refuses_to_start_without_keys(tmp_path: Path) -> None:
     env = {
