@@ -7,6 +7,8 @@ server), then does everything else over HTTP with fresh keys, like real agencies
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import hashlib
 import json
 import secrets
@@ -15,6 +17,9 @@ from typing import Any
 
 from joserfc.jwk import ECKey, OKPKey
 
+from broker.ledger.checkpoint import open_checkpoint
+from broker.ledger.merkle import leaf_hash, verify_inclusion
+from broker.ledger.verify import canonical_json
 from broker.sdk import BrokerClient
 
 
@@ -194,6 +199,10 @@ async def _story(url: str, run: str, admin: BrokerClient, clients: list[BrokerCl
         },
     )
 
+    _say(
+        "the DV Unit's receipt from the ledger", await _receipt(dv_unit, disclosed["disclosure_id"])
+    )
+
     revoke = {
         "attestation": {
             "method": "verbal",
@@ -226,3 +235,29 @@ async def _story(url: str, run: str, admin: BrokerClient, clients: list[BrokerCl
         ],
     )
     return 0 if denied.status_code == 403 else 1
+
+
+async def _receipt(client: BrokerClient, disclosure_id: str) -> dict[str, Any]:
+    """Fetch the receipt once the sequencer has integrated it, and check it locally."""
+    for _ in range(50):
+        resp = await client.get(f"/v1/disclosures/{disclosure_id}/receipt")
+        if resp.status_code != 409:
+            break
+        await asyncio.sleep(0.1)
+    receipt = _ok(resp)
+    vkey = (await client.http.get("/v1/ledger/key")).json()["verifier_key"]
+    checkpoint = open_checkpoint(receipt["checkpoint"]["note"], vkey)
+    proof = receipt["inclusion_proof"]
+    ok = verify_inclusion(
+        leaf_hash(canonical_json(receipt["entry"]["entry"])),
+        proof["index"],
+        checkpoint.size,
+        [base64.b64decode(h) for h in proof["hashes"]],
+        checkpoint.root_hash,
+    )
+    return {
+        "ledger_index": proof["index"],
+        "tree_size": checkpoint.size,
+        "entry": receipt["entry"]["entry"],
+        "inclusion_proof": "verified against the signed checkpoint" if ok else "DOES NOT VERIFY",
+    }

@@ -122,6 +122,7 @@ def test_walkthrough_and_demo(served: tuple[str, dict[str, str]], tmp_path: Path
     assert '"bed_status": "assigned"' in demo.stdout
     assert "shelter_location" in demo.stdout  # listed as withheld, never as data
     assert "(confidential)" not in demo.stdout
+    assert "verified against the signed checkpoint" in demo.stdout
 
     # The auditor's offline check, fetching the export from the running broker.
     resp = httpx.post(
