@@ -190,6 +190,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400:
+            # FastAPI's "error parsing the body" (e.g. JSON that is not UTF-8): the same
+            # documented 422 as any other body that is not valid JSON.
+            return problem_response(
+                422, InvalidRequest("The request body could not be parsed.").to_problem()
+            )
         slug, title = _HTTP_SLUGS.get(exc.status_code, ("http-error", "HTTP error"))
         body = {
             "type": PROBLEM_BASE + slug,

@@ -15,6 +15,7 @@ from broker.auth.tokens import AccessTokenVerifier
 from broker.catalog import Catalog, load_catalog
 from broker.crypto.keystore import BrokerKeys
 from broker.db import make_engine, make_sessionmaker
+from broker.ledger.sequencer import SequencerState
 from broker.settings import Settings
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ class Runtime:
     http: httpx.AsyncClient
     limiter: RateLimiter
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    sequencer: SequencerState = field(default_factory=SequencerState)
 
 
 def load_keys(settings: Settings) -> BrokerKeys:

@@ -363,3 +363,43 @@ async def test_no_personal_data_in_any_entry_type(world: World) -> None:
     for entry_type, body in rows:
         for secret in secrets:
             assert secret not in body, (entry_type, secret)
+
+
+async def test_two_runtimes_in_one_process_keep_separate_trees(
+    world: World, sqlite_template: Any, tmp_path: Any
+) -> None:
+    """The sequencer's cached frontier belongs to its runtime: two databases never mix."""
+    import shutil
+
+    from broker.app import create_app
+    from broker.ledger.entries import append_entry
+
+    other_db = tmp_path / "other.db"
+    shutil.copyfile(sqlite_template, other_db)
+    other = create_app(
+        world.rt.settings.model_copy(update={"database_url": f"sqlite+aiosqlite:///{other_db}"})
+    )
+    async with other.router.lifespan_context(other):
+        runtimes = [world.rt, other.state.runtime]
+        for round_ in range(4):
+            for n, rt in enumerate(runtimes):
+                async with rt.sessionmaker() as session, session.begin():
+                    for _ in range(round_ + n + 1):
+                        await append_entry(
+                            session,
+                            hmac_key=rt.keys.subject_hmac,
+                            entry_type="test.probe",
+                            actor=None,
+                            agency_id=None,
+                        )
+                await integrate_until_empty(rt)
+        vkey = await _vkey(world)
+        for rt in runtimes:
+            lines = [
+                line
+                async for chunk in ledger_service.export_lines(rt, 0, None, True)
+                for line in chunk.splitlines(keepends=True)
+            ]
+            report = verify_export(lines, vkey)
+            assert report.ok, report.problems
+            assert report.checkpoints_verified >= 4

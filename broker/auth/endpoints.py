@@ -12,7 +12,13 @@ from broker.auth.assertions import ASSERTION_TYPE, SIGNING_ALGORITHMS, authentic
 from broker.auth.roles import ALL_SCOPES, ROLE_SCOPES, Role
 from broker.auth.tokens import issue_access_token
 from broker.db import SessionDep
-from broker.errors import OAuthError, error_responses
+from broker.errors import (
+    InvalidRequest,
+    OAuthError,
+    RateLimited,
+    Unauthenticated,
+    error_responses,
+)
 
 router = APIRouter(tags=["auth"])
 
@@ -20,7 +26,7 @@ router = APIRouter(tags=["auth"])
 @router.post(
     "/oauth/token",
     summary="OAuth 2.0 client credentials with a private_key_jwt client assertion",
-    responses=error_responses(OAuthError),
+    responses=error_responses(OAuthError, Unauthenticated, InvalidRequest, RateLimited),
 )
 async def token(
     request: Request,

@@ -58,8 +58,10 @@ class _StrictLoader(yaml.SafeLoader):
                 break
             if duplicate:
                 raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark,
-                    f"found duplicate key {key!r}", key_node.start_mark,
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {key!r}",
+                    key_node.start_mark,
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
@@ -93,8 +95,9 @@ class _PolicyChecker:
         self.fields = fields_by_category
 
     def fail(self, where: str, problem: str) -> CatalogError:
-        return CatalogError(f"{self.source}: {where}: {problem}" if where else
-                            f"{self.source}: {problem}")
+        return CatalogError(
+            f"{self.source}: {where}: {problem}" if where else f"{self.source}: {problem}"
+        )
 
     def mapping(self, value: object, where: str) -> dict[str, Any]:
         if not isinstance(value, dict):

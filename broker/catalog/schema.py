@@ -26,8 +26,16 @@ FILE_RE = re.compile(r"([a-z][a-z0-9_]{0,63})\.schema\.json", re.ASCII)
 # Records are cleaned field by field, so keywords that constrain the record as a whole would be
 # silently ignored; only these (plus ``x-`` annotations) may appear at the top level.
 _TOP_LEVEL_KEYS = frozenset(
-    {"$schema", "$id", "$comment", "title", "description", "type", "properties",
-     "additionalProperties"}
+    {
+        "$schema",
+        "$id",
+        "$comment",
+        "title",
+        "description",
+        "type",
+        "properties",
+        "additionalProperties",
+    }
 )
 _REF_KEYS = frozenset({"$ref", "$dynamicRef", "$recursiveRef"})
 
@@ -91,9 +99,7 @@ class CategorySchema:
     fields: frozenset[str]
     sensitivity: Mapping[str, str]
     validators: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
-    _checks: Mapping[str, Callable[[Any], bool]] = field(
-        init=False, repr=False, compare=False
-    )
+    _checks: Mapping[str, Callable[[Any], bool]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if set(self.validators) != self.fields or set(self.sensitivity) != self.fields:
@@ -106,9 +112,7 @@ class CategorySchema:
         object.__setattr__(self, "_checks", checks)
 
     @classmethod
-    def from_schema(
-        cls, name: str, schema: object, source: str = "<schema>"
-    ) -> CategorySchema:
+    def from_schema(cls, name: str, schema: object, source: str = "<schema>") -> CategorySchema:
         """Check a parsed schema document and compile it; ``source`` prefixes every error."""
         where = f"{source}: "
         if not isinstance(schema, dict):
@@ -214,8 +218,10 @@ def _check_property(where: str, prop: str, prop_schema: object) -> str:
     if json_type is None:
         raise CatalogError(f"{where}missing type")
     # Unbounded values would let one agency push arbitrarily large data through the hot path.
-    if json_type == "string" and "maxLength" not in prop_schema and not (
-        "enum" in prop_schema or "const" in prop_schema
+    if (
+        json_type == "string"
+        and "maxLength" not in prop_schema
+        and not ("enum" in prop_schema or "const" in prop_schema)
     ):
         raise CatalogError(f"{where}string field needs maxLength")
     if json_type == "array" and ("maxItems" not in prop_schema or "items" not in prop_schema):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 from fastapi import APIRouter, Path, status
@@ -178,10 +179,20 @@ async def revocation_notices(
     )
 
 
-@router.get("/{grant_id}/fhir", responses=_ERRORS)
+class FhirResponse(Response):
+    media_type = "application/fhir+json"
+
+
+_FHIR_200: dict[str, Any] = {
+    "description": "An HL7 FHIR R4 Consent resource",
+    "content": {FhirResponse.media_type: {"schema": {"type": "object"}}},
+}
+
+
+@router.get("/{grant_id}/fhir", responses={200: _FHIR_200, **_ERRORS}, response_class=FhirResponse)
 async def consent_as_fhir(grant_id: str, caller: AdvocateCaller, session: SessionDep) -> Response:
     """The latest version as an HL7 FHIR R4 Consent resource (application/fhir+json)."""
     head, version = await service.get_grant(session, caller, grant_id)
     status = service.effective_status(version, datetime.now(UTC))
     body = fhir.consent_resource(head, version, status.value)
-    return Response(orjson.dumps(body), media_type="application/fhir+json")
+    return FhirResponse(orjson.dumps(body))

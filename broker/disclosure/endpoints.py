@@ -75,7 +75,7 @@ async def deposit_record(
     "/subjects/{subject_id}/disclosures",
     responses={
         200: {"content": {"application/json": {}, "text/csv": {}}},
-        **error_responses(Unauthenticated, Forbidden, NotFound, Conflict),
+        **error_responses(InvalidRequest, Unauthenticated, Forbidden, NotFound, Conflict),
     },
     response_model=Accounting,
 )

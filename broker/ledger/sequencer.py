@@ -31,18 +31,19 @@ SEQUENCER_LOCK_KEY = int.from_bytes(
     hashlib.sha256(b"consent-broker/ledger-sequencer").digest()[:8], "big", signed=True
 )
 
-_local_lock = asyncio.Lock()
 
+class SequencerState:
+    """Per-runtime state: a lock for this process and the tree's right edge it last wrote.
 
-class _Frontier:
-    """The right edge of the tree as last written by this process.
-
-    The tree only grows, so the frontier for a size this process wrote is still
-    valid whenever the stored size equals it; otherwise it is read again.
+    The tree only grows, so the frontier for a size this runtime wrote is still
+    valid whenever the stored size equals it; otherwise it is read again. It lives
+    on the runtime, not the module, so two runtimes (two databases) never mix.
     """
 
-    size = -1
-    nodes: dict[Node, bytes] = {}  # replaced wholesale, never mutated
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.size = -1
+        self.nodes: dict[Node, bytes] = {}
 
 
 async def tree_size(session: AsyncSession) -> int:
@@ -61,9 +62,9 @@ async def load_nodes(session: AsyncSession, wanted: set[Node]) -> dict[Node, byt
     return {(int(lv), int(ix)): bytes(h) for lv, ix, h in rows}
 
 
-async def _frontier(session: AsyncSession, size: int) -> dict[Node, bytes]:
-    if _Frontier.size == size:
-        return _Frontier.nodes
+async def _frontier(state: SequencerState, session: AsyncSession, size: int) -> dict[Node, bytes]:
+    if state.size == size:
+        return state.nodes
     wanted = set(subtree_nodes(0, size))
     nodes = await load_nodes(session, wanted)
     missing = wanted - nodes.keys()
@@ -86,12 +87,13 @@ async def _lock(session: AsyncSession) -> None:
 async def integrate_pending(rt: Runtime, *, batch_size: int | None = None) -> int:
     """Integrate one batch from the outbox; returns how many entries it added."""
     limit = batch_size or rt.settings.sequencer_batch_size
-    async with _local_lock, rt.sessionmaker() as session:
+    state = rt.sequencer
+    async with state.lock, rt.sessionmaker() as session:
         try:
             async with session.begin():
                 return await _integrate(rt, session, limit)
         except BaseException:
-            _Frontier.size = -1  # the transaction did not commit: forget what it wrote
+            state.size = -1  # the transaction did not commit: forget what it wrote
             raise
 
 
@@ -115,7 +117,7 @@ async def _integrate(rt: Runtime, session: AsyncSession, limit: int) -> int:
     if not pending:
         return 0
     size = await tree_size(session)
-    frontier = await _frontier(session, size)
+    frontier = await _frontier(rt.sequencer, session, size)
     sha256 = hashlib.sha256
     leaves = [sha256(b"\x00" + row.body.encode("utf-8")).digest() for row in pending]
     created, grown = append_leaves(size, frontier, leaves)
@@ -155,7 +157,7 @@ async def _integrate(rt: Runtime, session: AsyncSession, limit: int) -> int:
             tree_size=new_size, root_hash=root, note=note, created_at=now
         )
     )
-    _Frontier.size, _Frontier.nodes = new_size, grown
+    rt.sequencer.size, rt.sequencer.nodes = new_size, grown
     return len(pending)
 
 
