@@ -1,26 +1,35 @@
-"""Real ``broker serve`` processes on 127.0.0.1 for multi-process and fault tests.
+"""Real ``broker serve`` processes on 127.0.0.1 for walkthrough, fuzz, multi-process and
+fault tests.
 
 Every process started here is bounded: it is terminated (then killed) when its
-context exits, and start-up gives up after a deadline.
+context exits, start-up gives up after a deadline, and its stderr goes to a file
+so that a process logging through a long outage never blocks on a full pipe.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import create_async_engine
 
-from broker.sdk import BrokerClient
+from broker.models import LedgerEntry, LedgerPending
+from broker.sdk import ASSERTION_TYPE, BrokerClient, make_client_assertion
 from tests.support import sig_keypair
 
 BIN = Path(sys.executable).parent
@@ -63,21 +72,29 @@ def run_cli(env: dict[str, str], *args: str) -> str:
 
 
 class BrokerProcess:
-    """One ``broker serve`` on a loopback port; restartable, killable."""
+    """One ``broker serve`` on a loopback port; restartable on the same port, killable."""
 
-    def __init__(self, env: dict[str, str], port: int | None = None) -> None:
+    def __init__(
+        self, env: dict[str, str], port: int | None = None, log: Path | None = None
+    ) -> None:
         self.env = env
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        if log is None:
+            fd, name = tempfile.mkstemp(prefix="broker-serve-", suffix=".log")
+            os.close(fd)
+            log = Path(name)
+        self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> None:
-        self.proc = subprocess.Popen(  # noqa: S603
-            [str(BIN / "broker"), "serve", "--port", str(self.port), "--log-level", "warning"],
-            env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(  # noqa: S603
+                [str(BIN / "broker"), "serve", "--port", str(self.port), "--log-level", "warning"],
+                env=self.env,
+                stdout=subprocess.DEVNULL,
+                stderr=out,
+            )
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -86,8 +103,7 @@ class BrokerProcess:
             except httpx.TransportError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                err = self.stop()
-                raise RuntimeError(f"broker serve did not come up:\n{err}")
+                raise RuntimeError(f"broker serve did not come up:\n{self.stop()}")
             time.sleep(0.1)
 
     def kill(self) -> None:
@@ -97,22 +113,26 @@ class BrokerProcess:
             self.proc.wait(10)
 
     def stop(self) -> str:
-        """Terminate gracefully (kill after 10 s); returns what it wrote to stderr."""
-        if self.proc is None:
-            return ""
-        if self.proc.poll() is None:
+        """Terminate gracefully (kill after 10 s); returns what it logged."""
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
-        err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
         self.proc = None
-        return err
+        return self.log_text()
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def cli(self, *args: str) -> str:
+        """Run a ``broker`` command against this process's database and keys."""
+        return run_cli(self.env, *args)
 
 
-@contextmanager
+@contextlib.contextmanager
 def brokers(env: dict[str, str], count: int) -> Iterator[list[BrokerProcess]]:
     """``count`` processes sharing one database and key folder, like replicas behind a proxy."""
     procs = [BrokerProcess(env) for _ in range(count)]
@@ -125,22 +145,36 @@ def brokers(env: dict[str, str], count: int) -> Iterator[list[BrokerProcess]]:
             p.stop()
 
 
+@contextlib.contextmanager
+def serve_broker(
+    database_url: str, tmp_path: Path, extra_env: dict[str, str] | None = None
+) -> Iterator[BrokerProcess]:
+    """One broker on a free port with its own keys; stopped (and only it) afterwards."""
+    port = free_port()
+    env = broker_env(database_url, tmp_path / "broker-keys", f"http://127.0.0.1:{port}")
+    env.update(extra_env or {})
+    proc = BrokerProcess(env, port, tmp_path / "serve.log")
+    try:
+        proc.start()
+        yield proc
+    finally:
+        proc.stop()
+
+
 def bootstrap_admin(env: dict[str, str], url: str, tmp: Path) -> BrokerClient:
     """The first admin, issued from the shell as the README does; talks to ``url``."""
+    client_id, private = _cli_admin(env, tmp)
+    return client_at(url, client_id, private, env["BROKER_PUBLIC_URL"])
+
+
+def _cli_admin(env: dict[str, str], tmp: Path) -> tuple[str, dict[str, Any]]:
     private, public = sig_keypair()
     jwks_file = tmp / f"admin-{os.getpid()}-{time.monotonic_ns()}.json"
     jwks_file.write_text(json.dumps(public))
     out = run_cli(
         env, "clients", "add", "--role", "admin", "--name", "ops", "--jwks", str(jwks_file)
     )
-    return client_at(url, _client_id(out), private, env["BROKER_PUBLIC_URL"])
-
-
-def _client_id(cli_output: str) -> str:
-    for token in cli_output.replace(":", " ").split():
-        if len(token) == 36 and token.count("-") == 4:
-            return token
-    raise AssertionError(f"no client id in {cli_output!r}")
+    return out.strip(), private
 
 
 def client_at(
@@ -148,3 +182,67 @@ def client_at(
 ) -> BrokerClient:
     """A credential talking to one replica; its assertions name the deployment's public URL."""
     return BrokerClient(url, client_id, private_jwk, token_endpoint=f"{public_url}/oauth/token")
+
+
+@dataclass
+class SyncClient:
+    """A client credential and its access token, for synchronous callers (schemathesis)."""
+
+    url: str
+    client_id: str
+    private_jwk: dict[str, Any]
+    _token: str = ""
+    _expires: float = 0.0
+    http: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=15.0))
+
+    def token(self) -> str:
+        if not self._token or time.monotonic() >= self._expires:
+            assertion = make_client_assertion(
+                self.client_id, self.private_jwk, f"{self.url}/oauth/token"
+            )
+            resp = self.http.post(
+                f"{self.url}/oauth/token",
+                data={
+                    "grant_type": "client_credentials",
+                    "client_assertion_type": ASSERTION_TYPE,
+                    "client_assertion": assertion,
+                },
+            )
+            assert resp.status_code == 200, resp.text
+            body = resp.json()
+            self._token = str(body["access_token"])
+            self._expires = time.monotonic() + int(body["expires_in"]) - 30
+        return self._token
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {self.token()}"}
+        return self.http.request(method, f"{self.url}{path}", headers=headers, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self.request("POST", path, **kwargs)
+
+    def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self.request("GET", path, **kwargs)
+
+
+def bootstrap_sync_admin(proc: BrokerProcess, tmp_path: Path) -> SyncClient:
+    """The first admin of a single broker, as a synchronous client."""
+    client_id, private = _cli_admin(proc.env, tmp_path)
+    return SyncClient(proc.url, client_id, private)
+
+
+def count_ledger_rows_at(database_url: str) -> tuple[int, int]:
+    """(``ledger_entries``, ``ledger_pending``) rows, read from outside the server process."""
+
+    async def count() -> tuple[int, int]:
+        engine = create_async_engine(database_url)
+        try:
+            async with engine.connect() as conn:
+                stored = await conn.scalar(select(func.count()).select_from(LedgerEntry))
+                pending = await conn.scalar(select(func.count()).select_from(LedgerPending))
+        finally:
+            await engine.dispose()
+        return int(stored or 0), int(pending or 0)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(lambda: asyncio.run(count())).result()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,51 +13,15 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.servers import free_port, serve_broker
+
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
 def served(database_url: str, tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {
-        **os.environ,
-        "BROKER_ENVIRONMENT": "dev",
-        "BROKER_DATABASE_URL": database_url,
-        "BROKER_KEY_DIR": str(tmp_path / "keys"),
-        "BROKER_PUBLIC_URL": url,
-    }
-    proc = subprocess.Popen(  # noqa: S603
-        [str(BIN / "broker"), "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"{url}/.well-known/jwks.json", timeout=0.5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                out = proc.stdout.read().decode() if proc.stdout else ""
-                raise RuntimeError(f"broker serve did not come up:\n{out}")
-            time.sleep(0.1)
-        yield url, env
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with serve_broker(database_url, tmp_path) as proc:
+        yield proc.url, proc.env
 
 
 def _run(env: dict[str, str], *args: str) -> str:
@@ -175,7 +138,7 @@ def test_production_refuses_to_start_without_keys(tmp_path: Path) -> None:
         "BROKER_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/x.db",
     }
     done = subprocess.run(  # noqa: S603
-        [str(BIN / "broker"), "serve", "--port", str(_free_port())],
+        [str(BIN / "broker"), "serve", "--port", str(free_port())],
         env=env,
         capture_output=True,
         text=True,

@@ -17,7 +17,6 @@ import io
 import json
 import os
 import random
-import subprocess
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -48,7 +47,6 @@ from tests.ledger_check import check_ledger
 from tests.records_server import async_running_records_server
 from tests.reliability import record
 from tests.servers import (
-    BIN,
     BrokerProcess,
     bootstrap_admin,
     broker_env,
@@ -466,45 +464,9 @@ async def test_connection_killed_during_consent_change(
 # =========================================================================== real processes
 
 
-class LoggedBroker(BrokerProcess):
-    """A ``BrokerProcess`` whose stderr goes to a file: a process logging a long outage
-    must never block on a full pipe. Restartable on the same port after ``kill()``."""
-
-    def __init__(self, env: dict[str, str], log: Path, port: int | None = None) -> None:
-        super().__init__(env, port)
-        self.log = log
-
-    def start(self, timeout: float = 30.0) -> None:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(  # noqa: S603
-                [str(BIN / "broker"), "serve", "--port", str(self.port), "--log-level", "warning"],
-                env=self.env,
-                stdout=subprocess.DEVNULL,
-                stderr=out,
-            )
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if httpx.get(f"{self.url}/.well-known/jwks.json", timeout=0.5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"broker serve did not come up:\n{self.log_text()}")
-            time.sleep(0.1)
-
-    def stop(self) -> str:
-        super().stop()
-        return self.log_text()
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-
 @contextlib.contextmanager
-def _serving(env: dict[str, str], log: Path, port: int) -> Iterator[LoggedBroker]:
-    proc = LoggedBroker(env, log, port)
+def _serving(env: dict[str, str], log: Path, port: int) -> Iterator[BrokerProcess]:
+    proc = BrokerProcess(env, port, log)
     proc.start()
     try:
         yield proc
@@ -755,8 +717,8 @@ async def test_sigkill_under_load_then_restart(
     hook = WebhookServer()
     hook.start()
     hook.answer_status = 503
-    proc = LoggedBroker(
-        {**env, "BROKER_SEQUENCER_INTERVAL_SECONDS": "10"}, tmp_path / "serve.log", port
+    proc = BrokerProcess(
+        {**env, "BROKER_SEQUENCER_INTERVAL_SECONDS": "10"}, port, tmp_path / "serve.log"
     )
     try:
         await asyncio.to_thread(proc.start)

@@ -54,10 +54,10 @@ from schemathesis.schemas import APIOperation
 
 from tests.ledger_check import verify_export_text
 from tests.reliability import record
-from tests.served import (
-    Served,
+from tests.servers import (
+    BrokerProcess,
     SyncClient,
-    bootstrap_admin,
+    bootstrap_sync_admin,
     count_ledger_rows_at,
     serve_broker,
 )
@@ -94,7 +94,7 @@ SHELTER_RECORD = {"intake_date": "2024-03-02", "bed_status": "assigned"}
 
 @dataclass
 class FuzzWorld:
-    served: Served
+    served: BrokerProcess
     database_url: str
     admin: SyncClient
     callers: dict[str, SyncClient]
@@ -113,8 +113,8 @@ def _created(resp: httpx.Response) -> dict[str, Any]:
     return body
 
 
-def build_world(served: Served, database_url: str, tmp_path: Path) -> FuzzWorld:
-    admin = bootstrap_admin(served, tmp_path)
+def build_world(served: BrokerProcess, database_url: str, tmp_path: Path) -> FuzzWorld:
+    admin = bootstrap_sync_admin(served, tmp_path)
     clients: list[SyncClient] = []
 
     def agency(name: str, kind: str) -> str:
