@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     lv.add_argument("--checkpoint", help="a checkpoint note saved earlier (file)")
     lv.add_argument("--origin", default=None)
     lv.add_argument("--url", help="fetch the export from this broker instead of a file")
+    lv.add_argument(
+        "--strict", action="store_true", help="also check every entry is RFC 8785 canonical"
+    )
     lv.add_argument("--client-id")
     lv.add_argument("--key", help="auditor's private signing JWK file (with --url)")
     lv.set_defaults(func=cmd_ledger_verify)

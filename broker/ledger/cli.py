@@ -70,7 +70,9 @@ def verify_command(args: argparse.Namespace) -> int:
             raise ValueError("--vkey is required: the note verifier key (GET /v1/ledger/key)")
         trusted = Path(args.checkpoint).read_text(encoding="utf-8") if args.checkpoint else None
         with open(export, "rb") if export != "-" else os.fdopen(0, "rb", closefd=False) as fh:
-            report = verify_export(fh, vkey, origin=args.origin, trusted_checkpoint=trusted)
+            report = verify_export(
+                fh, vkey, origin=args.origin, trusted_checkpoint=trusted, strict=args.strict
+            )
     print(
         f"{'OK' if report.ok else 'FAILED'}: {report.entries} entries, "
         f"{report.checkpoints_verified} checkpoints verified, tree size {report.tree_size}"

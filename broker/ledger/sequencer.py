@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from sqlalchemy import and_, delete, func, insert, or_, select, text
+from sqlalchemy import delete, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from broker.ledger.checkpoint import Checkpoint, sign_checkpoint
@@ -46,8 +47,24 @@ class SequencerState:
         self.nodes: dict[Node, bytes] = {}
 
 
+_MAX_IDX = select(func.max(LedgerEntry.idx))
+
+# One fixed statement per dialect whatever the number of nodes, so it is parsed and
+# planned once; the wanted (level, idx) pairs travel as arrays / one JSON text.
+_NODES_PG = text(
+    "SELECT n.level, n.idx, n.hash FROM ledger_nodes n "
+    "JOIN unnest(CAST(:levels AS smallint[]), CAST(:idxs AS bigint[])) AS w(level, idx) "
+    "ON n.level = w.level AND n.idx = w.idx"
+)
+_NODES_SQLITE = text(
+    "SELECT n.level, n.idx, n.hash FROM json_each(:pairs) AS w "
+    "JOIN ledger_nodes n ON n.level = json_extract(w.value, '$[0]') "
+    "AND n.idx = json_extract(w.value, '$[1]')"
+)
+
+
 async def tree_size(session: AsyncSession) -> int:
-    last = (await session.execute(select(func.max(LedgerEntry.idx)))).scalar_one_or_none()
+    last = (await session.execute(_MAX_IDX)).scalar_one_or_none()
     return 0 if last is None else int(last) + 1
 
 
@@ -55,10 +72,15 @@ async def load_nodes(session: AsyncSession, wanted: set[Node]) -> dict[Node, byt
     """Fetch stored subtree hashes in one query (``wanted`` is O(log n) nodes)."""
     if not wanted:
         return {}
-    cond = or_(*(and_(LedgerNode.level == lv, LedgerNode.idx == ix) for lv, ix in wanted))
-    rows = (
-        await session.execute(select(LedgerNode.level, LedgerNode.idx, LedgerNode.hash).where(cond))
-    ).all()
+    pairs = sorted(wanted)
+    if session.get_bind().dialect.name == "postgresql":
+        params: dict[str, object] = {
+            "levels": [lv for lv, _ in pairs],
+            "idxs": [ix for _, ix in pairs],
+        }
+        rows = (await session.execute(_NODES_PG, params)).all()
+    else:
+        rows = (await session.execute(_NODES_SQLITE, {"pairs": json.dumps(pairs)})).all()
     return {(int(lv), int(ix)): bytes(h) for lv, ix, h in rows}
 
 

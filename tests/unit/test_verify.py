@@ -360,3 +360,50 @@ def test_main_stdin(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixtu
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
     assert v.main(["-", "--vkey", VKEY]) == 0
     assert "OK: 200 entries" in capsys.readouterr().out
+
+
+# --- the exporter's byte format: the fast path and --strict -------------------------------------
+
+
+def exporter_lines(bodies: list[bytes]) -> list[bytes]:
+    """Lines exactly as broker.ledger.service.export_lines writes them, plus one checkpoint."""
+    tree = StreamingTree()
+    out = []
+    for i, body in enumerate(bodies):
+        leaf = leaf_hash(body)
+        tree.append(leaf)
+        head = f'{{"kind":"entry","index":{i},"leaf_hash":"{base64.b64encode(leaf).decode()}"'
+        out.append(head.encode() + b',"entry":' + body + b"}\n")
+    note = sign_checkpoint(Checkpoint(ORIGIN, len(bodies), tree.root()), ORIGIN, KEY)
+    out.append(json.dumps({"kind": "checkpoint", "note": note}).encode() + b"\n")
+    return out
+
+
+def test_fast_path_takes_exporter_lines_and_agrees_with_strict() -> None:
+    bodies = [v.canonical_json(entry(i)) for i in range(300)]
+    lines = exporter_lines(bodies)
+    assert all(v._fast_entry(line, strict=False) for line in lines[:-1])
+    for strict in (False, True):
+        report = v.verify_export(lines, VKEY, strict=strict, workers=1)
+        assert report.ok, report.problems
+        assert report.entries == 300 and report.checkpoints_verified == 1
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_altered_byte_line_is_named_in_both_modes(strict: bool) -> None:
+    lines = exporter_lines([v.canonical_json(entry(i)) for i in range(64)])
+    lines[17] = lines[17].replace(b'"caseworker"', b'"supervisor"')
+    report = v.verify_export(lines, VKEY, strict=strict, workers=1)
+    assert not report.ok and report.first_bad_index == 17
+
+
+def test_strict_catches_a_committed_non_canonical_entry() -> None:
+    """A broker that signed ambiguous JSON (a duplicate key) passes the integrity check
+    but not --strict, which re-canonicalises every entry."""
+    bodies = [v.canonical_json(entry(i)) for i in range(8)]
+    bodies[5] = b'{"a":1,"a":2}'
+    lines = exporter_lines(bodies)
+    assert v.verify_export(lines, VKEY, workers=1).ok
+    strict = v.verify_export(lines, VKEY, strict=True, workers=1)
+    assert not strict.ok and strict.first_bad_index == 5
+    assert any("duplicate" in p for p in strict.problems)
