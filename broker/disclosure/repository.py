@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import and_, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from broker.disclosure.decision import GrantView
@@ -25,52 +25,78 @@ class Resolved:
     grants: list[GrantView]
 
 
+# The hot path's statements are built once, with bound parameters, and run on the
+# session's connection: no per-request expression building or ORM hydration, and
+# SQLAlchemy's compiled cache always hits.
+_V = ConsentVersion
+_RESOLVE = (
+    select(
+        SubjectReference.subject_id,
+        ConsentGrant.uses,
+        _V.grant_id,
+        _V.version,
+        _V.status,
+        _V.recipient_agency_id,
+        _V.source_agency_ids,
+        _V.fields,
+        _V.purposes,
+        _V.valid_from,
+        _V.expires_at,
+        _V.max_uses,
+        _V.excluded_client_ids,
+        _V.data_life_days,
+    )
+    .select_from(SubjectReference)
+    .outerjoin(
+        ConsentGrant,
+        and_(
+            ConsentGrant.subject_id == SubjectReference.subject_id,
+            ConsentGrant.recipient_agency_id == bindparam("agency_id"),
+        ),
+    )
+    .outerjoin(
+        _V,
+        and_(_V.grant_id == ConsentGrant.id, _V.version == ConsentGrant.latest_version),
+    )
+    .where(
+        SubjectReference.agency_id == bindparam("agency_id"),
+        SubjectReference.reference == bindparam("subject_ref"),
+    )
+)
+
+
 async def resolve(session: AsyncSession, agency_id: str, subject_ref: str) -> Resolved:
     """Subject by the requester's own reference, with every grant's latest version to it.
 
     One statement: an unknown reference and a known one without grants cost the same.
     """
-    stmt = (
-        select(SubjectReference.subject_id, ConsentGrant.uses, ConsentVersion)
-        .select_from(SubjectReference)
-        .outerjoin(
-            ConsentGrant,
-            and_(
-                ConsentGrant.subject_id == SubjectReference.subject_id,
-                ConsentGrant.recipient_agency_id == agency_id,
-            ),
-        )
-        .outerjoin(
-            ConsentVersion,
-            and_(
-                ConsentVersion.grant_id == ConsentGrant.id,
-                ConsentVersion.version == ConsentGrant.latest_version,
-            ),
-        )
-        .where(SubjectReference.agency_id == agency_id, SubjectReference.reference == subject_ref)
-    )
-    rows = (await session.execute(stmt)).all()
+    conn = await session.connection()
+    rows = (
+        await conn.execute(_RESOLVE, {"agency_id": agency_id, "subject_ref": subject_ref})
+    ).all()
     if not rows:
         return Resolved(None, [])
-    grants = [_view(v, uses) for _, uses, v in rows if v is not None]
+    grants = [_view(row) for row in rows if row[2] is not None]
     return Resolved(rows[0][0], grants)
 
 
-def _view(v: ConsentVersion, uses: int) -> GrantView:
+def _view(row: Any) -> GrantView:
+    (_, uses, grant_id, version, status, recipient, sources, fields, purposes, valid_from,
+     expires_at, max_uses, excluded, data_life_days) = row  # fmt: skip
     return GrantView(
-        grant_id=v.grant_id,
-        version=v.version,
-        status=v.status,
-        recipient_agency_id=v.recipient_agency_id,
-        source_agency_ids=tuple(v.source_agency_ids),
-        fields={k: frozenset(names) for k, names in v.fields.items()},
-        purposes=frozenset(v.purposes),
-        valid_from=v.valid_from,
-        expires_at=v.expires_at,
-        max_uses=v.max_uses,
+        grant_id=grant_id,
+        version=version,
+        status=status,
+        recipient_agency_id=recipient,
+        source_agency_ids=tuple(sources),
+        fields={k: frozenset(names) for k, names in fields.items()},
+        purposes=frozenset(purposes),
+        valid_from=valid_from,
+        expires_at=expires_at,
+        max_uses=max_uses,
         uses=uses,
-        excluded_client_ids=frozenset(v.excluded_client_ids),
-        data_life_days=v.data_life_days,
+        excluded_client_ids=frozenset(excluded),
+        data_life_days=data_life_days,
     )
 
 
@@ -86,6 +112,37 @@ class Party:
     held: bytes | None  # deposited record of the requested category, encrypted
 
 
+_PARTIES = (
+    select(
+        Agency.id,
+        Agency.status,
+        Agency.encryption_jwks,
+        Agency.records_endpoint,
+        SubjectReference.reference,
+        HeldRecord.ciphertext,
+        Subject.wrapped_data_key,
+    )
+    .select_from(Agency)
+    .join(Subject, Subject.id == bindparam("subject_id"))
+    .outerjoin(
+        SubjectReference,
+        and_(
+            SubjectReference.agency_id == Agency.id,
+            SubjectReference.subject_id == bindparam("subject_id"),
+        ),
+    )
+    .outerjoin(
+        HeldRecord,
+        and_(
+            HeldRecord.agency_id == Agency.id,
+            HeldRecord.subject_id == bindparam("subject_id"),
+            HeldRecord.category == bindparam("category"),
+        ),
+    )
+    .where(Agency.id.in_(bindparam("agency_ids", expanding=True)))
+)
+
+
 async def parties(
     session: AsyncSession, subject_id: str, category: str, agency_ids: list[str]
 ) -> tuple[dict[str, Party], bytes | None]:
@@ -93,38 +150,12 @@ async def parties(
 
     Also returns the survivor's wrapped data key (None once erased).
     """
-    stmt = (
-        select(
-            Agency.id,
-            Agency.status,
-            Agency.encryption_jwks,
-            Agency.records_endpoint,
-            SubjectReference.reference,
-            HeldRecord.ciphertext,
-            Subject.wrapped_data_key,
-        )
-        .select_from(Agency)
-        .join(Subject, Subject.id == subject_id)
-        .outerjoin(
-            SubjectReference,
-            and_(
-                SubjectReference.agency_id == Agency.id, SubjectReference.subject_id == subject_id
-            ),
-        )
-        .outerjoin(
-            HeldRecord,
-            and_(
-                HeldRecord.agency_id == Agency.id,
-                HeldRecord.subject_id == subject_id,
-                HeldRecord.category == category,
-            ),
-        )
-        .where(Agency.id.in_(agency_ids))
-    )
+    conn = await session.connection()
+    params = {"subject_id": subject_id, "category": category, "agency_ids": agency_ids}
     found: dict[str, Party] = {}
     wrapped: bytes | None = None
     for agency_id, status, jwks, endpoint, reference, held, key in (
-        await session.execute(stmt)
+        await conn.execute(_PARTIES, params)
     ).all():
         found[agency_id] = Party(agency_id, status, jwks, endpoint, reference, held)
         wrapped = key
@@ -142,18 +173,26 @@ async def held_record(
     return (await session.execute(stmt)).scalar_one_or_none()
 
 
+_TAKE_USE = (
+    update(ConsentGrant)
+    .where(
+        ConsentGrant.id == bindparam("grant_id"),
+        ConsentGrant.latest_version == bindparam("version"),
+    )
+    .values(uses=ConsentGrant.uses + 1)
+)
+_TAKE_LIMITED_USE = _TAKE_USE.where(ConsentGrant.uses < bindparam("max_uses"))
+
+
 async def take_use(session: AsyncSession, grant: GrantView) -> bool:
     """Count one use, atomically, only if the version decided on is still the latest.
 
     The row lock taken here orders this disclosure against a concurrent revocation
     (which locks the same row): whichever commits second sees the other's effect.
     """
-    stmt = (
-        update(ConsentGrant)
-        .where(ConsentGrant.id == grant.grant_id, ConsentGrant.latest_version == grant.version)
-        .values(uses=ConsentGrant.uses + 1)
-    )
+    params: dict[str, Any] = {"grant_id": grant.grant_id, "version": grant.version}
+    stmt = _TAKE_USE
     if grant.max_uses is not None:
-        stmt = stmt.where(ConsentGrant.uses < grant.max_uses)
-    result = await session.execute(stmt)
+        stmt, params["max_uses"] = _TAKE_LIMITED_USE, grant.max_uses
+    result = await (await session.connection()).execute(stmt, params)
     return bool(getattr(result, "rowcount", 0) == 1)

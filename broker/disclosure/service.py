@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from broker.auth.roles import Principal
@@ -81,6 +82,9 @@ async def request_disclosure(
     return await ctx.disclose(permit)
 
 
+_INSERT_DISCLOSURE = insert(Disclosure)
+
+
 @dataclass
 class _Context:
     session: AsyncSession
@@ -142,27 +146,29 @@ class _Context:
             fields=fields,
             now=self.now,
         )
-        self.session.add(
-            Disclosure(
-                id=self.disclosure_id,
-                subject_id=self.subject_id,
-                requester_agency_id=self.caller.agency_id,
-                requester_client_id=self.caller.client_id,
-                source_agency_id=source_agency_id,
-                category=self.req.category,
-                purpose=self.req.purpose,
-                outcome=outcome,
-                reason=reason,
-                fields_disclosed=disclosed or [],
-                fields_withheld=withheld or [],
-                grant_id=grant.grant_id if grant else None,
-                grant_version=grant.version if grant else None,
-                policy_version=rt.catalog.policy.version,
-                payload_digest=payload_digest,
-                ledger_entry_id=entry_id,
-                subject_ref=self.data.subject_ref if self.subject_id is not None else None,
-                created_at=self.now,
-            )
+        conn = await self.session.connection()
+        await conn.execute(
+            _INSERT_DISCLOSURE,
+            {
+                "id": self.disclosure_id,
+                "subject_id": self.subject_id,
+                "requester_agency_id": self.caller.agency_id,
+                "requester_client_id": self.caller.client_id,
+                "source_agency_id": source_agency_id,
+                "category": self.req.category,
+                "purpose": self.req.purpose,
+                "outcome": outcome,
+                "reason": reason,
+                "fields_disclosed": disclosed or [],
+                "fields_withheld": withheld or [],
+                "grant_id": grant.grant_id if grant else None,
+                "grant_version": grant.version if grant else None,
+                "policy_version": rt.catalog.policy.version,
+                "payload_digest": payload_digest,
+                "ledger_entry_id": entry_id,
+                "subject_ref": self.data.subject_ref if self.subject_id is not None else None,
+                "created_at": self.now,
+            },
         )
         return entry_id
 
