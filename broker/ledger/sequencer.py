@@ -17,7 +17,7 @@ import json
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from sqlalchemy import delete, func, insert, select, text
+from sqlalchemy import bindparam, delete, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from broker.ledger.checkpoint import Checkpoint, sign_checkpoint
@@ -119,23 +119,29 @@ async def integrate_pending(rt: Runtime, *, batch_size: int | None = None) -> in
             raise
 
 
+_PENDING = (
+    select(
+        LedgerPending.seq,
+        LedgerPending.entry_id,
+        LedgerPending.entry_type,
+        LedgerPending.agency_id,
+        LedgerPending.subject_commitment,
+        LedgerPending.body,
+        LedgerPending.created_at,
+    )
+    .order_by(LedgerPending.seq)
+    .limit(bindparam("limit"))
+)
+_DONE = delete(LedgerPending).where(LedgerPending.seq.in_(bindparam("seqs", expanding=True)))
+_ADD_ENTRIES = insert(LedgerEntry)
+_ADD_NODES = insert(LedgerNode)
+_ADD_CHECKPOINT = insert(LedgerCheckpoint)
+
+
 async def _integrate(rt: Runtime, session: AsyncSession, limit: int) -> int:
     await _lock(session)
-    pending = (
-        await session.execute(
-            select(
-                LedgerPending.seq,
-                LedgerPending.entry_id,
-                LedgerPending.entry_type,
-                LedgerPending.agency_id,
-                LedgerPending.subject_commitment,
-                LedgerPending.body,
-                LedgerPending.created_at,
-            )
-            .order_by(LedgerPending.seq)
-            .limit(limit)
-        )
-    ).all()
+    conn = await session.connection()
+    pending = (await conn.execute(_PENDING, {"limit": limit})).all()
     if not pending:
         return 0
     size = await tree_size(session)
@@ -144,8 +150,8 @@ async def _integrate(rt: Runtime, session: AsyncSession, limit: int) -> int:
     leaves = [sha256(b"\x00" + row.body.encode("utf-8")).digest() for row in pending]
     created, grown = append_leaves(size, frontier, leaves)
     now = datetime.now(UTC)
-    await session.execute(
-        insert(LedgerEntry),
+    await conn.execute(
+        _ADD_ENTRIES,
         [
             {
                 "idx": size + i,
@@ -161,23 +167,18 @@ async def _integrate(rt: Runtime, session: AsyncSession, limit: int) -> int:
             for i, row in enumerate(pending)
         ],
     )
-    await session.execute(
-        insert(LedgerNode), [{"level": lv, "idx": ix, "hash": h} for lv, ix, h in created]
-    )
+    await conn.execute(_ADD_NODES, [{"level": lv, "idx": ix, "hash": h} for lv, ix, h in created])
     # By key, not by range: a row with a lower seq may commit after the read above.
-    await session.execute(
-        delete(LedgerPending).where(LedgerPending.seq.in_([row.seq for row in pending]))
-    )
+    await conn.execute(_DONE, {"seqs": [row.seq for row in pending]})
     new_size = size + len(pending)
     root = root_from_frontier(new_size, grown)
     origin = rt.settings.ledger_origin
     note = sign_checkpoint(
         Checkpoint(origin=origin, size=new_size, root_hash=root), origin, rt.keys.checkpoint_signing
     )
-    await session.execute(
-        insert(LedgerCheckpoint).values(
-            tree_size=new_size, root_hash=root, note=note, created_at=now
-        )
+    await conn.execute(
+        _ADD_CHECKPOINT,
+        {"tree_size": new_size, "root_hash": root, "note": note, "created_at": now},
     )
     rt.sequencer.size, rt.sequencer.nodes = new_size, grown
     return len(pending)
