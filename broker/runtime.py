@@ -70,7 +70,8 @@ def build_runtime(settings: Settings) -> Runtime:
     )
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
+    # async: a plain ``def`` dependency costs a thread-pool hop on every request
     rt: Runtime = request.app.state.runtime
     return rt
 

@@ -22,12 +22,15 @@ log = logging.getLogger("broker.workers")
 
 
 async def _loop(name: str, interval: float, step: Callable[[], Awaitable[object]]) -> None:
-    failures = 0
+    failures = idle = 0
     while True:
         try:
-            await step()
+            result = await step()
             failures = 0
-            await asyncio.sleep(interval)
+            # A step that found nothing to do (returns 0) backs off up to 4x, so idle
+            # processes do not poll the database 20 times a second.
+            idle = idle + 1 if result == 0 else 0
+            await asyncio.sleep(interval * min(2**idle, 4))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a worker must outlive a database restart

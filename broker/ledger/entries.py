@@ -11,6 +11,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import rfc8785
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -36,6 +37,36 @@ def actor_of(principal: Principal | None) -> dict[str, str] | None:
         "agency_id": principal.agency_id,
         "role": principal.role,
     }
+
+
+_MAX_SAFE_INT = 2**53 - 1
+
+
+def _plain(value: Any) -> bool:
+    """Only values whose orjson form is already RFC 8785: no floats, safe ints, str keys."""
+    if value is None or isinstance(value, (str, bool)):
+        return True
+    if isinstance(value, int):
+        return -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
+
+
+def canonical_body(body: dict[str, Any]) -> str:
+    """RFC 8785 text of an entry; orjson's sorted output where that is identical.
+
+    For ASCII keys and values without floats, orjson with sorted keys writes exactly
+    the JCS bytes (same escapes, same order) some fifty times faster than the
+    pure-Python ``rfc8785``, which remains the path for everything else.
+    """
+    if _plain(body):
+        out = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+        if out.isascii():
+            return out.decode("ascii")
+    return rfc8785.dumps(body).decode("utf-8")
 
 
 async def append_entry(
@@ -74,7 +105,7 @@ async def append_entry(
         "entry_type": entry_type,
         "agency_id": agency_id,
         "subject_commitment": commitment,
-        "body": rfc8785.dumps(body).decode("utf-8"),
+        "body": canonical_body(body),
         "created_at": at,
     }
     # A Core insert on the transaction's connection: written now, in the caller's

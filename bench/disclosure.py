@@ -1,0 +1,350 @@
+"""Rows 1, 2 and 5: end-to-end ``POST /v1/disclosures`` next to a bare FastAPI endpoint.
+
+The broker runs as ``broker serve`` (rate limiter off, dev keys in a temp folder,
+a fresh database migrated by ``broker migrate``); the world of ``bench.world``
+is seeded; the records of Harbor House are deposited over HTTP; then
+``bench.load`` drives two request streams against the same broker:
+
+* held -- the police DV unit asks Harbor House's deposited (encrypted) records;
+* endpoint -- legal aid asks Eastside Shelter's records, which the broker
+  fetches from ``bench.records_app`` on loopback for every request.
+
+Before measuring, one disclosure of each kind is opened with the recipient's
+private key, so the numbers are for complete, correct disclosures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench import infra
+from bench.load import LoadFigures, LoadParams, loadgen, measure, profile
+from bench.loadgen import Plan
+from bench.report import Row, ms, verdict_at_least, verdict_at_most
+from bench.world import (
+    Credential,
+    World,
+    deposit_bodies,
+    fetch_token,
+    register_cast,
+    seed_survivors,
+)
+from bench.world import wait_ledger_drained as drained
+from broker.crypto.keystore import BrokerKeys
+from broker.crypto.payload import open_payload
+from broker.settings import Settings
+
+Progress = Callable[[str], None]
+BROKER_READY = "/.well-known/oauth-authorization-server"
+
+
+@dataclass(frozen=True)
+class DisclosureConfig:
+    workers: int
+    survivors: int
+    deposits: int  # survivors whose Harbor House record is deposited (and then asked for)
+    load: LoadParams
+    profile_dir: Path | None
+
+
+# --------------------------------------------------------------------------- baseline
+
+
+def baseline(cfg: DisclosureConfig, progress: Progress) -> LoadFigures:
+    body = orjson.dumps(
+        {
+            "subject_ref": "PD-000001",
+            "category": "shelter",
+            "purpose": "safety_planning",
+            "fields": ["intake_date", "bed_status", "shelter_location"],
+        }
+    ).decode()
+    with contextlib.ExitStack() as stack:
+        tmp = infra.temp_dir(stack, "baseline")
+        port = infra.free_port()
+        server = infra.start_server(
+            stack,
+            "baseline",
+            infra.uvicorn_argv("bench.baseline_app:app", port, cfg.workers),
+            env=infra.clean_env({}),
+            port=port,
+            log_dir=tmp,
+            ready_path="/health",
+        )
+        return measure(
+            server, "/v1/disclosures", [body], lambda: {}, cfg.load, label="bare", progress=progress
+        )
+
+
+def baseline_rows(base: LoadFigures, workers: int) -> list[Row]:
+    name = f"Bare FastAPI POST, pydantic body, uvicorn {workers} worker(s)"
+    return [
+        Row(
+            f"{name}: peak (closed loop)",
+            f"{base.peak.throughput:,.0f} req/s; p50 {ms(base.peak.p50_ms)}, "
+            f"p99 {ms(base.peak.p99_ms)}",
+        ),
+        Row(
+            f"{name}: half of peak (open loop {base.half_rate:,.0f}/s)",
+            f"p50 {ms(base.half.p50_ms)}, p99 {ms(base.half.p99_ms)}",
+        ),
+        Row(
+            f"{name}: unloaded ({base.unloaded.ok} sequential)",
+            f"p50 {ms(base.unloaded.p50_ms)}, p99 {ms(base.unloaded.p99_ms)}",
+        ),
+    ]
+
+
+# --------------------------------------------------------------------------- broker
+
+
+@dataclass
+class BrokerSetup:
+    server: infra.Server
+    settings: Settings
+    world: World
+    deposited: int
+
+
+def _bearer(url: str, cred: Credential) -> Callable[[], dict[str, str]]:
+    return lambda: {"Authorization": "Bearer " + fetch_token(url, cred)}
+
+
+def start_broker(
+    stack: contextlib.ExitStack,
+    cfg: DisclosureConfig,
+    backend: str,
+    with_endpoint: bool,
+    progress: Progress,
+) -> BrokerSetup:
+    """A migrated, seeded broker behind ``broker serve``, torn down with ``stack``."""
+    tmp = infra.temp_dir(stack, f"broker-{backend}")
+    if backend == "postgresql":
+        database_url = infra.pg_url(infra.postgres_database(stack, "disclosure"))
+    else:
+        database_url = f"sqlite+aiosqlite:///{tmp / 'broker.db'}"
+    progress(f"{backend}: migrating a fresh database")
+    infra.migrate(database_url, tmp)
+    key_dir = tmp / "keys"
+    BrokerKeys.generate(key_dir)
+    port = infra.free_port()
+    url = f"http://127.0.0.1:{port}"
+    records_endpoint = None
+    if with_endpoint:
+        rport = infra.free_port()
+        records_endpoint = f"http://127.0.0.1:{rport}/records"
+        env = {"BENCH_BROKER_URL": url, "BENCH_RECORDS_URL": records_endpoint}
+        infra.start_server(
+            stack,
+            "records",
+            infra.uvicorn_argv("bench.records_app:app", rport, 1),
+            env=infra.clean_env(env),
+            port=rport,
+            log_dir=tmp,
+            ready_path="/health",
+        )
+    env = {
+        "BROKER_ENVIRONMENT": "dev",
+        "BROKER_DATABASE_URL": database_url,
+        "BROKER_KEY_DIR": str(key_dir),
+        "BROKER_PUBLIC_URL": url,
+        "BROKER_RATE_LIMIT_PER_SECOND": "0",
+    }
+    argv = [str(infra.VENV_BIN / "broker"), "serve", "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--workers", str(cfg.workers), "--log-level", "warning"]
+    server = infra.start_server(
+        stack,
+        f"broker-{backend}",
+        argv,
+        env=infra.clean_env(env),
+        port=port,
+        log_dir=tmp,
+        ready_path=BROKER_READY,
+    )
+    settings = Settings(
+        environment="dev",
+        database_url=database_url,
+        key_dir=key_dir,
+        public_url=url,
+        rate_limit_per_second=0,
+        run_background_workers=False,
+    )
+    progress(f"{backend}: registering agencies and clients over HTTP")
+    world = asyncio.run(register_cast(settings, url, cfg.survivors, records_endpoint))
+    progress(f"{backend}: seeding {cfg.survivors:,} survivors (services, then bulk clone)")
+    asyncio.run(seed_survivors(settings, world))
+    count = min(cfg.deposits, cfg.survivors)
+    progress(f"{backend}: Harbor House deposits {count:,} records (POST /v1/records)")
+    deposits = loadgen(
+        Plan(
+            host="127.0.0.1",
+            port=port,
+            path="/v1/records",
+            bodies=deposit_bodies(world, count),
+            headers=_bearer(url, world.clients["harbor"])(),
+            mode="closed",
+            concurrency=8 if backend == "postgresql" else 2,  # SQLite: one writer at a time
+            duration=600.0,
+            warmup=0.0,
+            max_requests=count,
+            expect_status=201,
+        )
+    )
+    if deposits.ok != count:
+        raise RuntimeError(f"deposits: {deposits.ok} stored, errors {deposits.errors}")
+    progress(f"{backend}: waiting for the sequencer to integrate the seeding's ledger entries")
+    left = asyncio.run(drained(settings))
+    if left:
+        progress(f"{backend}: {left} ledger entries still pending; measuring anyway")
+    return BrokerSetup(server, settings, world, count)
+
+
+def _held_bodies(world: World, deposited: int) -> list[str]:
+    """The police ask for survivors whose record Harbor House deposited, in random order."""
+    order = list(range(deposited))
+    random.Random(7).shuffle(order)
+    return [
+        orjson.dumps(
+            {
+                "subject_ref": world.ref("police", i),
+                "category": "shelter",
+                "purpose": "safety_planning",
+                "fields": ["intake_date", "bed_status", "shelter_location"],
+            }
+        ).decode()
+        for i in order
+    ]
+
+
+def _endpoint_bodies(world: World) -> list[str]:
+    order = list(range(world.survivors))
+    random.Random(11).shuffle(order)
+    return [
+        orjson.dumps(
+            {
+                "subject_ref": world.ref("legal", i),
+                "category": "shelter",
+                "purpose": "legal_representation",
+            }
+        ).decode()
+        for i in order
+    ]
+
+
+def _check_one(setup: BrokerSetup, requester: str, body: str, expect: set[str]) -> None:
+    """One disclosure, opened with the recipient's private key: the bench measures real ones."""
+    world = setup.world
+
+    async def run() -> dict[str, Any]:
+        client = world.clients[requester].client(world.url)
+        try:
+            resp = await client.post(
+                "/v1/disclosures", content=body, headers={"Content-Type": "application/json"}
+            )
+            if resp.status_code != 200:
+                raise RuntimeError(f"sanity disclosure -> {resp.status_code}: {resp.text[:300]}")
+            jwks = (await client.http.get("/.well-known/jwks.json")).json()
+            claims: dict[str, Any] = open_payload(
+                resp.json()["payload"], world.agencies[requester].enc_private, jwks
+            )
+            return claims
+        finally:
+            await client.aclose()
+
+    claims = asyncio.run(run())
+    if set(claims["data"]) != expect:
+        raise RuntimeError(f"sanity disclosure released {sorted(claims['data'])}")
+
+
+def broker_rows(
+    cfg: DisclosureConfig,
+    backend: str,
+    with_endpoint: bool,
+    base: LoadFigures,
+    progress: Progress,
+) -> list[Row]:
+    rows: list[Row] = []
+    with contextlib.ExitStack() as stack:
+        setup = start_broker(stack, cfg, backend, with_endpoint, progress)
+        url = setup.world.url
+        streams = [
+            (
+                "held records",
+                "police",
+                _held_bodies(setup.world, setup.deposited),
+                {"intake_date", "bed_status"},
+            )
+        ]
+        if with_endpoint:
+            expect = {"intake_date", "advocate_assigned", "language_preference"}
+            streams.append(("records endpoint", "legal", _endpoint_bodies(setup.world), expect))
+        for source, requester, bodies, expect in streams:
+            _check_one(setup, requester, bodies[0], expect)
+            label = f"{backend}, {source}"
+            figures = measure(
+                setup.server,
+                "/v1/disclosures",
+                bodies,
+                _bearer(url, setup.world.clients[requester]),
+                cfg.load,
+                label=label,
+                progress=progress,
+            )
+            rows += _rows(label, figures, base, backend == "postgresql", cfg.workers)
+            if cfg.profile_dir is not None and backend == "postgresql":
+                out = cfg.profile_dir / f"profile-{source.replace(' ', '-')}.txt"
+                progress(f"{label}: py-spy profile of one worker -> {out}")
+                if not profile(
+                    setup.server,
+                    "/v1/disclosures",
+                    bodies,
+                    _bearer(url, setup.world.clients[requester])(),
+                    cfg.load,
+                    out,
+                ):
+                    progress("no profile: install py-spy (.venv/bin/pip install py-spy)")
+        hwm = max(infra.rss_mb(pid)[0] for pid in setup.server.worker_pids())
+        rss = max(infra.rss_mb(pid)[1] for pid in setup.server.worker_pids())
+        rows.append(
+            Row(
+                f"Broker worker resident memory after the {backend} load (max over workers)",
+                f"VmHWM {hwm:.0f} MB, VmRSS {rss:.0f} MB",
+                "≤ 250 MB" if backend == "postgresql" else "",
+                verdict_at_most(hwm, 250.0, " MB") if backend == "postgresql" else "",
+            )
+        )
+    return rows
+
+
+def _rows(label: str, f: LoadFigures, base: LoadFigures, targeted: bool, workers: int) -> list[Row]:
+    ratio = f.peak.throughput / base.peak.throughput
+    name = f"Disclosure, {label}, {workers} worker(s)"
+    return [
+        Row(
+            f"{name}: peak (closed loop, {f.peak.connections} conns)",
+            f"{f.peak.throughput:,.0f} req/s = **{ratio:.1%} of bare** "
+            f"({base.peak.throughput:,.0f}); p50 {ms(f.peak.p50_ms)}, p99 {ms(f.peak.p99_ms)}",
+            "≥ 25 % of bare" if targeted else "(PostgreSQL only)",
+            verdict_at_least(ratio * 100, 25.0, " %") if targeted else "",
+        ),
+        Row(
+            f"{name}: half of peak (open loop {f.half_rate:,.0f}/s)",
+            f"p50 {ms(f.half.p50_ms)}, p99 {ms(f.half.p99_ms)} (max {ms(f.half.max_ms)})",
+            "p99 ≤ 25 ms" if targeted else "",
+            verdict_at_most(f.half.p99_ms, 25.0, " ms") if targeted else "",
+        ),
+        Row(
+            f"{name}: unloaded ({f.unloaded.ok} sequential)",
+            f"p50 {ms(f.unloaded.p50_ms)}, p99 {ms(f.unloaded.p99_ms)}",
+            "p50 ≤ 1.5 ms" if targeted else "",
+            verdict_at_most(f.unloaded.p50_ms, 1.5, " ms") if targeted else "",
+        ),
+    ]

@@ -1,0 +1,156 @@
+"""Load phases against one running server, each driven by a separate loadgen process.
+
+For every server the same three phases run, in this order:
+
+1. peak -- closed loop on ``concurrency`` keep-alive connections;
+2. half -- open loop at 50 % of the throughput phase 1 measured, latency from the
+   scheduled start (what a caller at that steady rate would see);
+3. unloaded -- ``unloaded_requests`` sequential requests on one connection.
+
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bench.infra import REPO, Server
+from bench.loadgen import Plan, Result
+
+
+@dataclass(frozen=True)
+class LoadParams:
+    duration: float
+    warmup: float
+    concurrency: int
+    unloaded_requests: int
+    max_requests: int
+    client: str = "raw"  # "httpx" to drive the phases with httpx.AsyncClient instead
+
+
+@dataclass
+class LoadFigures:
+    peak: Result
+    half: Result
+    half_rate: float
+    unloaded: Result
+
+
+def loadgen(plan: Plan) -> Result:
+    """Run one plan in a fresh ``python -m bench.loadgen`` process."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.loadgen"],
+        input=json.dumps(asdict(plan)),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=plan.duration + 180,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"loadgen failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return Result(**json.loads(proc.stdout))
+
+
+def _checked(result: Result, what: str, server: Server) -> Result:
+    bad = sum(result.errors.values())
+    if result.ok == 0 or bad > 0.01 * max(result.measured, 1):
+        raise RuntimeError(
+            f"{what}: {result.ok} ok, errors {result.errors}; server log:\n{server.log_tail()}"
+        )
+    return result
+
+
+def measure(
+    server: Server,
+    path: str,
+    bodies: list[str],
+    headers: Callable[[], dict[str, str]],
+    params: LoadParams,
+    *,
+    label: str,
+    progress: Callable[[str], None],
+) -> LoadFigures:
+    """Peak, half-of-peak and unloaded figures for ``POST path`` on ``server``.
+
+    ``headers`` is called before each phase so access tokens are always fresh.
+    """
+
+    def plan(**kw: object) -> Plan:
+        base: dict[str, object] = {
+            "host": "127.0.0.1",
+            "port": server.port,
+            "path": path,
+            "bodies": bodies,
+            "headers": headers(),
+            "duration": params.duration,
+            "warmup": params.warmup,
+            "max_requests": params.max_requests,
+            "concurrency": params.concurrency,
+            "client": params.client,
+        }
+        base.update(kw)
+        return Plan(**base)  # type: ignore[arg-type]
+
+    progress(f"{label}: peak, closed loop x{params.concurrency}, {params.duration:.0f} s")
+    peak = _checked(loadgen(plan(mode="closed")), f"{label} peak", server)
+    rate = peak.throughput / 2.0
+    progress(f"{label}: {peak.throughput:,.0f} req/s; half of peak, open loop at {rate:,.0f}/s")
+    cap = min(params.max_requests, int(rate * params.duration) + 1)
+    half = _checked(loadgen(plan(mode="open", rate=rate, max_requests=cap)), label, server)
+    progress(f"{label}: unloaded, {params.unloaded_requests} sequential requests")
+    time.sleep(0.5)  # let the sequencer and the pool settle after the open-loop tail
+    unloaded = _checked(
+        loadgen(plan(mode="sequential", max_requests=params.unloaded_requests, duration=300.0)),
+        f"{label} unloaded",
+        server,
+    )
+    return LoadFigures(peak, half, rate, unloaded)
+
+
+def profile(
+    server: Server,
+    path: str,
+    bodies: list[str],
+    headers: dict[str, str],
+    params: LoadParams,
+    out: Path,
+) -> Path | None:
+    """Sample one broker worker with py-spy under closed-loop load (not a measured phase)."""
+    py_spy = Path(sys.executable).parent / "py-spy"
+    if not py_spy.exists():
+        return None
+    pid = server.worker_pids()[0]
+    seconds = max(5, int(params.duration))
+    argv = [str(py_spy), "record", "-d", str(seconds), "-p", str(pid), "-o", str(out)]
+    spy = subprocess.Popen(
+        [*argv, "--format", "raw", "--rate", "200"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        loadgen(
+            Plan(
+                host="127.0.0.1",
+                port=server.port,
+                path=path,
+                bodies=bodies,
+                headers=headers,
+                mode="closed",
+                concurrency=params.concurrency,
+                duration=seconds + 2,
+                warmup=0,
+                max_requests=params.max_requests,
+            )
+        )
+        spy.wait(timeout=seconds + 60)
+    finally:
+        if spy.poll() is None:
+            spy.kill()
+            spy.wait()
+    return out if out.exists() else None
