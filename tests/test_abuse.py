@@ -7,13 +7,25 @@ from tests.support import World, consent_body, story_one
 
 async def test_fishing_shows_up_for_auditors(world: World) -> None:
     s = await story_one(world)
-    await world.grant(s.advocate, **consent_body(
-        subject_id=s.subject_id, source_agency_ids=[s.shelter.id], recipient_agency_id=s.police.id))
+    await world.grant(
+        s.advocate,
+        **consent_body(
+            subject_id=s.subject_id,
+            source_agency_ids=[s.shelter.id],
+            recipient_agency_id=s.police.id,
+        ),
+    )
     rogue_agency = await world.agency("Rogue Agency", "advocacy")
     rogue = await world.client(rogue_agency.id, "agency", "fisher")
     for i in range(4):
-        r = await rogue.post("/v1/disclosures", json={"subject_ref": f"PD-24-{i:04d}", "category": "shelter",
-                                                       "purpose": "safety_planning"})
+        r = await rogue.post(
+            "/v1/disclosures",
+            json={
+                "subject_ref": f"PD-24-{i:04d}",
+                "category": "shelter",
+                "purpose": "safety_planning",
+            },
+        )
         assert r.status_code == 403
     oversight = await world.agency("State oversight office", "oversight")
     auditor = await world.client(oversight.id, "auditor")
@@ -24,16 +36,25 @@ async def test_fishing_shows_up_for_auditors(world: World) -> None:
     row = next(i for i in body["items"] if i["client_id"] == rogue.client_id)
     assert row["denials"] == 4 and row["unknown_subject"] == 4 and row["reason"] == "no_grant"
     assert (await rogue.get("/v1/audit/denials")).status_code == 403
-    bad = await auditor.get("/v1/audit/denials", params={"since": "2030-01-01T00:00:00Z",
-                                                         "until": "2029-01-01T00:00:00Z"})
+    bad = await auditor.get(
+        "/v1/audit/denials",
+        params={"since": "2030-01-01T00:00:00Z", "until": "2029-01-01T00:00:00Z"},
+    )
     assert bad.status_code == 422
 
 
 async def test_fhir_export(world: World) -> None:
     s = await story_one(world)
-    grant = await world.grant(s.advocate, **consent_body(
-        subject_id=s.subject_id, source_agency_ids=[s.shelter.id], recipient_agency_id=s.police.id,
-        excluded_client_ids=[s.officer.client_id], max_uses=3))
+    grant = await world.grant(
+        s.advocate,
+        **consent_body(
+            subject_id=s.subject_id,
+            source_agency_ids=[s.shelter.id],
+            recipient_agency_id=s.police.id,
+            excluded_client_ids=[s.officer.client_id],
+            max_uses=3,
+        ),
+    )
     resp = await s.advocate.get(f"/v1/consents/{grant['id']}/fhir")
     assert resp.status_code == 200
     assert resp.headers["content-type"] == "application/fhir+json"

@@ -23,4 +23,6 @@ async def test_rate_limit_per_client(world: World) -> None:
     assert limited.status_code == 429
     assert limited.headers["content-type"] == "application/problem+json"
     assert int(limited.headers["retry-after"]) >= 1
-    assert (await other.post("/v1/subjects", json={})).status_code == 201, "other clients unaffected"
+    assert (await other.post("/v1/subjects", json={})).status_code == 201, (
+        "other clients unaffected"
+    )

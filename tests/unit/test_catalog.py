@@ -28,21 +28,47 @@ POLICY_FILE = ROOT / "policies" / "minimisation.yaml"
 
 STORY_FIELDS = {
     "shelter": {
-        "intake_date", "bed_status", "shelter_location", "exit_date", "program_type",
-        "children_in_residence", "pets_accommodated", "safety_plan_on_file", "advocate_assigned",
-        "next_check_in", "accessibility_needs", "language_preference",
-        "confidential_contact_number", "lethality_screen_level",
+        "intake_date",
+        "bed_status",
+        "shelter_location",
+        "exit_date",
+        "program_type",
+        "children_in_residence",
+        "pets_accommodated",
+        "safety_plan_on_file",
+        "advocate_assigned",
+        "next_check_in",
+        "accessibility_needs",
+        "language_preference",
+        "confidential_contact_number",
+        "lethality_screen_level",
     },
     "legal_aid": {
-        "case_type", "protective_order_status", "hearing_date", "court_jurisdiction",
-        "attorney_assigned", "petition_filed_date", "acp_participant", "acp_substitute_address",
-        "actual_residential_address", "immigration_relief_sought", "custody_matter",
+        "case_type",
+        "protective_order_status",
+        "hearing_date",
+        "court_jurisdiction",
+        "attorney_assigned",
+        "petition_filed_date",
+        "acp_participant",
+        "acp_substitute_address",
+        "actual_residential_address",
+        "immigration_relief_sought",
+        "custody_matter",
         "next_court_action",
     },
     "medical": {
-        "visit_date", "injury_documentation", "forensic_exam_done", "clinical_notes",
-        "diagnosis_codes", "photographs_taken", "strangulation_assessment", "follow_up_date",
-        "treating_facility", "medications_prescribed", "pregnancy_status",
+        "visit_date",
+        "injury_documentation",
+        "forensic_exam_done",
+        "clinical_notes",
+        "diagnosis_codes",
+        "photographs_taken",
+        "strangulation_assessment",
+        "follow_up_date",
+        "treating_facility",
+        "medications_prescribed",
+        "pregnancy_status",
         "mental_health_referral",
     },
 }
@@ -124,7 +150,10 @@ def test_story_field_types() -> None:
 def test_medical_protective_order_is_minimal(catalog: Catalog) -> None:
     permitted = catalog.policy.permitted_fields("medical", "protective_order")
     assert permitted == {
-        "visit_date", "injury_documentation", "forensic_exam_done", "photographs_taken",
+        "visit_date",
+        "injury_documentation",
+        "forensic_exam_done",
+        "photographs_taken",
         "strangulation_assessment",
     }
     assert "clinical_notes" not in permitted
@@ -142,9 +171,15 @@ def test_never_disclosable(catalog: Catalog) -> None:
 
 def test_purposes_and_missing_rules(catalog: Catalog) -> None:
     policy = catalog.policy
-    assert {"safety_planning", "protective_order", "legal_representation", "medical_follow_up",
-            "housing_placement", "victim_services_coordination",
-            "investigation_support"} <= policy.purposes
+    assert {
+        "safety_planning",
+        "protective_order",
+        "legal_representation",
+        "medical_follow_up",
+        "housing_placement",
+        "victim_services_coordination",
+        "investigation_support",
+    } <= policy.purposes
     assert all(policy.descriptions[p] for p in policy.purposes)
     assert policy.permitted_fields("medical", "housing_placement") == frozenset()
     assert policy.permitted_fields("medical", "no_such_purpose") == frozenset()
@@ -272,10 +307,13 @@ def test_yaml_duplicate_keys(tree: tuple[Path, Path]) -> None:
     text = policy.read_text()
     policy.write_text(text + "  shelter:\n    safety_planning: [intake_date]\n")
     refused(schema_dir, policy, policy, "duplicate key 'shelter'")
-    policy.write_text(text.replace(
-        "    protective_order:\n      - intake_date\n",
-        "    safety_planning: [intake_date]\n    protective_order:\n      - intake_date\n", 1,
-    ))
+    policy.write_text(
+        text.replace(
+            "    protective_order:\n      - intake_date\n",
+            "    safety_planning: [intake_date]\n    protective_order:\n      - intake_date\n",
+            1,
+        )
+    )
     refused(schema_dir, policy, policy, "duplicate key 'safety_planning'")
 
 
@@ -322,50 +360,102 @@ POLICY_REFUSALS: list[tuple[str, PolicyEdit, str]] = [
     ("top-unknown", _set("extra", value={}), "extra: unknown top-level key"),
     ("rules-missing", _delete("rules"), "rules: missing"),
     ("unknown-category", _set("rules", "housing", value={}), "rules: unknown category 'housing'"),
-    ("unknown-purpose", _set("rules", "shelter", "marketing", value=[]),
-     "rules.shelter: unknown purpose 'marketing'"),
-    ("unknown-field", _append(*SP, value="bedstatus"),
-     "rules.shelter.safety_planning: unknown field 'bedstatus'"),
-    ("field-other-category", _append(*SP, value="clinical_notes"),
-     "rules.shelter.safety_planning: unknown field 'clinical_notes'"),
+    (
+        "unknown-purpose",
+        _set("rules", "shelter", "marketing", value=[]),
+        "rules.shelter: unknown purpose 'marketing'",
+    ),
+    (
+        "unknown-field",
+        _append(*SP, value="bedstatus"),
+        "rules.shelter.safety_planning: unknown field 'bedstatus'",
+    ),
+    (
+        "field-other-category",
+        _append(*SP, value="clinical_notes"),
+        "rules.shelter.safety_planning: unknown field 'clinical_notes'",
+    ),
     ("wildcard-star", _set(*SP, value=["*"]), "rules.shelter.safety_planning: wildcard '*'"),
     ("wildcard-all", _set(*SP, value=["all"]), "rules.shelter.safety_planning: wildcard 'all'"),
     ("wildcard-ALL", _set(*SP, value=["ALL"]), "rules.shelter.safety_planning: wildcard 'ALL'"),
-    ("wildcard-glob", _set(*SP, value=["intake_*"]),
-     "rules.shelter.safety_planning: wildcard 'intake_*'"),
-    ("wildcard-purpose", _set("rules", "shelter", "*", value=["intake_date"]),
-     "rules.shelter: wildcard '*'"),
+    (
+        "wildcard-glob",
+        _set(*SP, value=["intake_*"]),
+        "rules.shelter.safety_planning: wildcard 'intake_*'",
+    ),
+    (
+        "wildcard-purpose",
+        _set("rules", "shelter", "*", value=["intake_date"]),
+        "rules.shelter: wildcard '*'",
+    ),
     ("wildcard-category", _set("rules", "*", value={}), "rules: wildcard '*'"),
-    ("wildcard-never", _set("never_disclosable", "shelter", value=["*"]),
-     "never_disclosable.shelter: wildcard '*'"),
-    ("duplicate-field", _set(*SP, value=["intake_date", "bed_status", "intake_date"]),
-     "rules.shelter.safety_planning: duplicate field 'intake_date'"),
-    ("rule-not-list", _set(*SP, value="intake_date"),
-     "rules.shelter.safety_planning: must be a list of field names, got string"),
-    ("rule-null", _set(*SP, value=None),
-     "rules.shelter.safety_planning: must be a list of field names, got null"),
-    ("rule-item-not-str", _set(*SP, value=["intake_date", 3]),
-     "rules.shelter.safety_planning[1]: must be a field name, got integer"),
-    ("category-not-mapping", _set("rules", "shelter", value=["intake_date"]),
-     "rules.shelter: must be a mapping, got list"),
-    ("never-unknown-field", _set("never_disclosable", "shelter", value=["shelter_address"]),
-     "never_disclosable.shelter: unknown field 'shelter_address'"),
-    ("never-not-list", _set("never_disclosable", "shelter", value="shelter_location"),
-     "never_disclosable.shelter: must be a list of field names, got string"),
-    ("never-unknown-category", _set("never_disclosable", "housing", value=[]),
-     "never_disclosable: unknown category 'housing'"),
-    ("never-missing-category", _delete("never_disclosable", "medical"),
-     "never_disclosable: missing category 'medical'"),
-    ("purpose-no-description", _set("purposes", "safety_planning", value=""),
-     "purposes.safety_planning: needs a one-line description"),
-    ("purpose-bad-name", _set("purposes", "Safety Planning", value="x"),
-     "purposes: purpose 'Safety Planning' must be snake_case"),
+    (
+        "wildcard-never",
+        _set("never_disclosable", "shelter", value=["*"]),
+        "never_disclosable.shelter: wildcard '*'",
+    ),
+    (
+        "duplicate-field",
+        _set(*SP, value=["intake_date", "bed_status", "intake_date"]),
+        "rules.shelter.safety_planning: duplicate field 'intake_date'",
+    ),
+    (
+        "rule-not-list",
+        _set(*SP, value="intake_date"),
+        "rules.shelter.safety_planning: must be a list of field names, got string",
+    ),
+    (
+        "rule-null",
+        _set(*SP, value=None),
+        "rules.shelter.safety_planning: must be a list of field names, got null",
+    ),
+    (
+        "rule-item-not-str",
+        _set(*SP, value=["intake_date", 3]),
+        "rules.shelter.safety_planning[1]: must be a field name, got integer",
+    ),
+    (
+        "category-not-mapping",
+        _set("rules", "shelter", value=["intake_date"]),
+        "rules.shelter: must be a mapping, got list",
+    ),
+    (
+        "never-unknown-field",
+        _set("never_disclosable", "shelter", value=["shelter_address"]),
+        "never_disclosable.shelter: unknown field 'shelter_address'",
+    ),
+    (
+        "never-not-list",
+        _set("never_disclosable", "shelter", value="shelter_location"),
+        "never_disclosable.shelter: must be a list of field names, got string",
+    ),
+    (
+        "never-unknown-category",
+        _set("never_disclosable", "housing", value=[]),
+        "never_disclosable: unknown category 'housing'",
+    ),
+    (
+        "never-missing-category",
+        _delete("never_disclosable", "medical"),
+        "never_disclosable: missing category 'medical'",
+    ),
+    (
+        "purpose-no-description",
+        _set("purposes", "safety_planning", value=""),
+        "purposes.safety_planning: needs a one-line description",
+    ),
+    (
+        "purpose-bad-name",
+        _set("purposes", "Safety Planning", value="x"),
+        "purposes: purpose 'Safety Planning' must be snake_case",
+    ),
     ("purposes-empty", _set("purposes", value={}), "purposes: must list at least one purpose"),
 ]
 
 
 @pytest.mark.parametrize(
-    ("mutate", "fragment"), [(m, f) for _, m, f in POLICY_REFUSALS],
+    ("mutate", "fragment"),
+    [(m, f) for _, m, f in POLICY_REFUSALS],
     ids=[i for i, _, _ in POLICY_REFUSALS],
 )
 def test_policy_refusals(tree: tuple[Path, Path], mutate: PolicyEdit, fragment: str) -> None:
@@ -401,35 +491,63 @@ def _top(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
 
 
 SCHEMA_REFUSALS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
-    ("metaschema-maxLength", _prop("shelter", "shelter_location", "maxLength", -1),
-     "properties/shelter_location/maxLength: not a valid draft 2020-12 schema"),
-    ("metaschema-type", _prop("shelter", "bed_status", "type", "strng"),
-     "not a valid draft 2020-12 schema"),
-    ("no-sensitivity", _prop("shelter", "bed_status", "x-sensitivity", None),
-     "properties.bed_status: missing x-sensitivity"),
-    ("unknown-sensitivity", _prop("shelter", "bed_status", "x-sensitivity", "secret"),
-     "properties.bed_status: unknown x-sensitivity 'secret'"),
-    ("no-description", _prop("shelter", "bed_status", "description", None),
-     "properties.bed_status: missing description"),
-    ("no-maxLength", _prop("shelter", "shelter_location", "maxLength", None),
-     "properties.shelter_location: string field needs maxLength"),
-    ("unchecked-format", _prop("shelter", "advocate_assigned", "format", "email"),
-     "properties.advocate_assigned: format 'email' is not checked"),
-    ("ref", _prop("shelter", "advocate_assigned", "$ref", "#/$defs/x"),
-     "properties.advocate_assigned: $ref is not supported"),
+    (
+        "metaschema-maxLength",
+        _prop("shelter", "shelter_location", "maxLength", -1),
+        "properties/shelter_location/maxLength: not a valid draft 2020-12 schema",
+    ),
+    (
+        "metaschema-type",
+        _prop("shelter", "bed_status", "type", "strng"),
+        "not a valid draft 2020-12 schema",
+    ),
+    (
+        "no-sensitivity",
+        _prop("shelter", "bed_status", "x-sensitivity", None),
+        "properties.bed_status: missing x-sensitivity",
+    ),
+    (
+        "unknown-sensitivity",
+        _prop("shelter", "bed_status", "x-sensitivity", "secret"),
+        "properties.bed_status: unknown x-sensitivity 'secret'",
+    ),
+    (
+        "no-description",
+        _prop("shelter", "bed_status", "description", None),
+        "properties.bed_status: missing description",
+    ),
+    (
+        "no-maxLength",
+        _prop("shelter", "shelter_location", "maxLength", None),
+        "properties.shelter_location: string field needs maxLength",
+    ),
+    (
+        "unchecked-format",
+        _prop("shelter", "advocate_assigned", "format", "email"),
+        "properties.advocate_assigned: format 'email' is not checked",
+    ),
+    (
+        "ref",
+        _prop("shelter", "advocate_assigned", "$ref", "#/$defs/x"),
+        "properties.advocate_assigned: $ref is not supported",
+    ),
     ("required", _top("required", ["intake_date"]), "unsupported top-level keyword 'required'"),
     ("closed", _top("additionalProperties", False), "additionalProperties: must be true"),
     ("not-object", _top("type", "array"), "type: must be 'object'"),
     ("no-draft", _top("$schema", None), "$schema: must be"),
     ("old-draft", _top("$schema", "http://json-schema.org/draft-07/schema#"), "$schema: must be"),
-    ("category-mismatch", _top("x-category", "shelters"),
-     "x-category: must be 'shelter' to match the file name"),
+    (
+        "category-mismatch",
+        _top("x-category", "shelters"),
+        "x-category: must be 'shelter' to match the file name",
+    ),
     ("no-properties", _top("properties", {}), "properties: must be a non-empty object"),
 ]
 
 
 @pytest.mark.parametrize(
-    ("mutate", "fragment"), [(m, f) for _, m, f in SCHEMA_REFUSALS],
+    ("mutate", "fragment"),
+    [(m, f) for _, m, f in SCHEMA_REFUSALS],
     ids=[i for i, _, _ in SCHEMA_REFUSALS],
 )
 def test_schema_refusals(
@@ -576,9 +694,17 @@ def test_values_never_in_message_bad_date(shelter: CategorySchema, value: str) -
 
 
 @settings(max_examples=60, deadline=None)
-@given(value=st.text(min_size=1, max_size=60), field=st.sampled_from(
-    ["shelter_location", "advocate_assigned", "language_preference", "confidential_contact_number"]
-))
+@given(
+    value=st.text(min_size=1, max_size=60),
+    field=st.sampled_from(
+        [
+            "shelter_location",
+            "advocate_assigned",
+            "language_preference",
+            "confidential_contact_number",
+        ]
+    ),
+)
 def test_values_never_in_message_too_long(shelter: CategorySchema, value: str, field: str) -> None:
     long_value = (value * 300)[:300]
     with pytest.raises(RecordInvalid) as info:
@@ -590,10 +716,14 @@ def test_values_never_in_message_too_long(shelter: CategorySchema, value: str, f
 
 
 @settings(max_examples=60, deadline=None)
-@given(value=st.one_of(
-    st.integers(), st.floats(allow_nan=False), st.lists(st.text(max_size=5), max_size=3),
-    st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=3),
-))
+@given(
+    value=st.one_of(
+        st.integers(),
+        st.floats(allow_nan=False),
+        st.lists(st.text(max_size=5), max_size=3),
+        st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=3),
+    )
+)
 def test_wrong_types_report_type(catalog: Catalog, value: object) -> None:
     schema = catalog.schemas["legal_aid"]
     with pytest.raises(RecordInvalid) as info:
@@ -605,16 +735,25 @@ def test_wrong_types_report_type(catalog: Catalog, value: object) -> None:
 
 
 def test_from_schema_in_memory() -> None:
-    schema = CategorySchema.from_schema("demo", {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "x-category": "demo",
-        "type": "object",
-        "additionalProperties": True,
-        "properties": {
-            "seen_on": {"type": "string", "format": "date", "maxLength": 10,
-                        "description": "d", "x-sensitivity": "service"},
+    schema = CategorySchema.from_schema(
+        "demo",
+        {
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "x-category": "demo",
+            "type": "object",
+            "additionalProperties": True,
+            "properties": {
+                "seen_on": {
+                    "type": "string",
+                    "format": "date",
+                    "maxLength": 10,
+                    "description": "d",
+                    "x-sensitivity": "service",
+                },
+            },
         },
-    }, source="demo.schema.json")
+        source="demo.schema.json",
+    )
     assert schema.fields == {"seen_on"}
     assert schema.clean_record({"seen_on": "2024-01-01", "x": 1}) == ({"seen_on": "2024-01-01"}, 1)
     with pytest.raises(CatalogError, match=r"^demo\.schema\.json: "):
