@@ -39,12 +39,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from bench.clone import Template, clone_survivors
 from bench.data import ENDPOINT_FIELDS, HELD_FIELDS, shelter_record
-from broker.agencies.schemas import ClientCreate
-from broker.agencies.service import issue_client
+from broker.agencies.service import issue_operator_client
 from broker.auth.roles import ROLE_SCOPES, Principal, Role
 from broker.consent.schemas import Attestation, AttestationMethod, ConsentCreate
 from broker.consent.service import grant
-from broker.models import Agency, LedgerPending, SubjectReference
+from broker.models import LedgerPending, SubjectReference
 from broker.runtime import Runtime, build_runtime
 from broker.sdk import BrokerClient
 from broker.settings import Settings
@@ -129,15 +128,7 @@ async def bootstrap_client(
     """A credential made in the database as ``broker clients add --role ROLE`` does."""
     private, public = sig_keypair()
     async with runtime(settings) as rt, rt.sessionmaker() as session, session.begin():
-        ops = Agency(name="Broker operations", kind="oversight", encryption_jwks={"keys": []})
-        session.add(ops)
-        await session.flush()
-        client = await issue_client(
-            session,
-            rt,
-            None,
-            ClientCreate(agency_id=ops.id, role=role, name=name, jwks=public),
-        )
+        client = await issue_operator_client(session, rt, role=role, name=name, jwks=public)
         return Credential(client.id, private)
 
 

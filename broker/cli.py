@@ -72,31 +72,23 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 
 
 async def _clients_add(args: argparse.Namespace) -> dict[str, Any]:
-    from broker.agencies.schemas import ClientCreate
-    from broker.agencies.service import issue_client
+    from broker.agencies.service import issue_operator_client
     from broker.auth.roles import Role
-    from broker.models import Agency
     from broker.runtime import build_runtime
 
     jwks = json.loads(Path(args.jwks).read_text())  # noqa: ASYNC240 - before the loop does work
     rt = build_runtime(_settings())
     try:
         async with rt.sessionmaker() as session, session.begin():
-            agency_id = args.agency_id
-            if agency_id is None:
-                ops = Agency(
-                    name="Broker operations", kind="oversight", encryption_jwks={"keys": []}
-                )
-                session.add(ops)
-                await session.flush()
-                agency_id = ops.id
-            client = await issue_client(
+            client = await issue_operator_client(
                 session,
                 rt,
-                None,
-                ClientCreate(agency_id=agency_id, role=Role(args.role), name=args.name, jwks=jwks),
+                role=Role(args.role),
+                name=args.name,
+                jwks=jwks,
+                agency_id=args.agency_id,
             )
-            return {"client_id": client.id, "agency_id": agency_id, "role": client.role}
+            return {"client_id": client.id, "agency_id": client.agency_id, "role": client.role}
     finally:
         await rt.http.aclose()
         await rt.engine.dispose()

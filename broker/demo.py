@@ -50,10 +50,8 @@ def _ok(resp: Any, status: int = 200) -> dict[str, Any]:
 
 
 async def _bootstrap_admin() -> tuple[str, dict[str, Any]]:
-    from broker.agencies.schemas import ClientCreate
-    from broker.agencies.service import issue_client
+    from broker.agencies.service import issue_operator_client
     from broker.auth.roles import Role
-    from broker.models import Agency
     from broker.runtime import build_runtime
     from broker.settings import Settings
 
@@ -61,14 +59,13 @@ async def _bootstrap_admin() -> tuple[str, dict[str, Any]]:
     rt = build_runtime(Settings())
     try:
         async with rt.sessionmaker() as session, session.begin():
-            ops = Agency(name="Demo operations", kind="oversight", encryption_jwks={"keys": []})
-            session.add(ops)
-            await session.flush()
-            client = await issue_client(
+            client = await issue_operator_client(
                 session,
                 rt,
-                None,
-                ClientCreate(agency_id=ops.id, role=Role.admin, name="demo-admin", jwks=public),
+                role=Role.admin,
+                name="demo-admin",
+                jwks=public,
+                agency_name="Demo operations",
             )
             return client.id, private
     finally:

@@ -12,10 +12,8 @@ import httpx
 from fastapi import FastAPI
 from joserfc.jwk import ECKey, OKPKey
 
-from broker.agencies.schemas import ClientCreate
-from broker.agencies.service import issue_client
+from broker.agencies.service import issue_operator_client
 from broker.auth.roles import Role
-from broker.models import Agency
 from broker.runtime import Runtime
 from broker.sdk import BrokerClient
 
@@ -90,16 +88,10 @@ class World:
         """The first admin is made from the shell (no API caller yet), as the CLI does."""
         private, public = sig_keypair()
         async with self.rt.sessionmaker() as session, session.begin():
-            ops = Agency(name="Broker operations", kind="oversight", encryption_jwks={"keys": []})
-            session.add(ops)
-            await session.flush()
-            client = await issue_client(
-                session,
-                self.rt,
-                None,
-                ClientCreate(agency_id=ops.id, role=Role.admin, name="ops", jwks=public),
+            client = await issue_operator_client(
+                session, self.rt, role=Role.admin, name="ops", jwks=public
             )
-            self.ops_agency_id = ops.id
+            self.ops_agency_id = client.agency_id
             admin_id = client.id
         self.admin = self.client_for(admin_id, private)
 

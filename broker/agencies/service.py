@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from broker.agencies.schemas import AgencyCreate, AgencyPatch, ClientCreate
-from broker.auth.roles import Principal
+from broker.auth.roles import Principal, Role
 from broker.common.validation import check_endpoint_url, printable
 from broker.crypto.jwks import JWKSInvalid, validate_public_jwks
 from broker.errors import InvalidRequest, NotFound
@@ -121,6 +121,30 @@ async def issue_client(
         fields={"client_id": client.id, "role": client.role},
     )
     return client
+
+
+async def issue_operator_client(
+    session: AsyncSession,
+    rt: Runtime,
+    *,
+    role: Role,
+    name: str,
+    jwks: dict[str, Any],
+    agency_id: str | None = None,
+    agency_name: str = "Broker operations",
+) -> Client:
+    """A credential issued from the shell, where no API caller exists yet.
+
+    Without ``agency_id`` it goes to a new oversight agency, ``agency_name``, that
+    holds the broker's own operators (the first admin; demo and bench callers).
+    """
+    if agency_id is None:
+        ops = Agency(name=agency_name, kind="oversight", encryption_jwks={"keys": []})
+        session.add(ops)
+        await session.flush()
+        agency_id = ops.id
+    data = ClientCreate(agency_id=agency_id, role=role, name=name, jwks=jwks)
+    return await issue_client(session, rt, None, data)
 
 
 async def withdraw_client(
