@@ -13,15 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from broker.ledger.verify import verify_export
-
-
-def _text_arg(value: str) -> str:
-    """``@FILE`` or an existing file path reads the file; anything else is the value."""
-    path = value[1:] if value.startswith("@") else value
-    if value.startswith("@") or os.path.isfile(path):
-        return Path(path).read_text(encoding="utf-8").strip()
-    return value.strip()
+from broker.ledger.verify import print_report, read_text_arg, verify_export
 
 
 async def _fetch(url: str, client_id: str, key_file: str, out: Path) -> str:
@@ -50,7 +42,7 @@ async def _fetch(url: str, client_id: str, key_file: str, out: Path) -> str:
 
 def verify_command(args: argparse.Namespace) -> int:
     """Print a one-line verdict and every problem found; exit 0 only if all holds."""
-    vkey = _text_arg(args.vkey) if args.vkey else None
+    vkey = read_text_arg(args.vkey) if args.vkey else None
     with tempfile.TemporaryDirectory(prefix="broker-ledger-") as tmp:
         export = args.export
         if args.url:
@@ -73,12 +65,4 @@ def verify_command(args: argparse.Namespace) -> int:
             report = verify_export(
                 fh, vkey, origin=args.origin, trusted_checkpoint=trusted, strict=args.strict
             )
-    print(
-        f"{'OK' if report.ok else 'FAILED'}: {report.entries} entries, "
-        f"{report.checkpoints_verified} checkpoints verified, tree size {report.tree_size}"
-    )
-    if report.first_bad_index is not None:
-        print(f"first bad index: {report.first_bad_index}")
-    for problem in report.problems:
-        print(f"  - {problem}")
-    return 0 if report.ok else 1
+    return print_report(report)

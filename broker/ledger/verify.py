@@ -53,7 +53,15 @@ from broker.ledger.checkpoint import (
 )
 from broker.ledger.merkle import EMPTY_ROOT, StreamingTree
 
-__all__ = ["MAX_PROBLEMS", "VerifyReport", "canonical_json", "main", "verify_export"]
+__all__ = [
+    "MAX_PROBLEMS",
+    "VerifyReport",
+    "canonical_json",
+    "main",
+    "print_report",
+    "read_text_arg",
+    "verify_export",
+]
 
 MAX_SAFE_INT = 2**53 - 1  # I-JSON / RFC 8785: larger integers lose precision in ECMAScript
 MAX_PROBLEMS = 100  # keeps memory bounded on a thoroughly corrupted export
@@ -479,12 +487,28 @@ def verify_export(
     return run.finish()
 
 
-def _read_text_arg(value: str) -> str:
-    """A literal value, or the stripped contents if ``value`` names an existing file."""
-    if os.path.isfile(value):
-        with open(value, encoding="utf-8") as fh:
+def read_text_arg(value: str) -> str:
+    """``@FILE`` or an existing file's path reads the file (stripped); else the value."""
+    path = value[1:] if value.startswith("@") else value
+    if value.startswith("@") or os.path.isfile(path):
+        with open(path, encoding="utf-8") as fh:
             return fh.read().strip()
-    return value
+    return value.strip()
+
+
+def print_report(report: VerifyReport) -> int:
+    """One verdict line, the first bad index and every problem; the exit status."""
+    status = "OK" if report.ok else "FAILED"
+    root = base64.b64encode(report.root_hash).decode("ascii")
+    print(
+        f"{status}: {report.entries} entries, {report.checkpoints_verified} checkpoints verified, "
+        f"tree size {report.tree_size}, root {root}"
+    )
+    if report.first_bad_index is not None:
+        print(f"first bad index: {report.first_bad_index}")
+    for msg in report.problems:
+        print(f"  - {msg}")
+    return 0 if report.ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -503,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        vkey = _read_text_arg(args.vkey)
+        vkey = read_text_arg(args.vkey)
         trusted = None
         if args.checkpoint:
             with open(args.checkpoint, "rb") as fh:
@@ -521,17 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, UnicodeDecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    status = "OK" if report.ok else "FAILED"
-    root = base64.b64encode(report.root_hash).decode("ascii")
-    print(
-        f"{status}: {report.entries} entries, {report.checkpoints_verified} checkpoints verified, "
-        f"tree size {report.tree_size}, root {root}"
-    )
-    if report.first_bad_index is not None:
-        print(f"first bad index: {report.first_bad_index}")
-    for msg in report.problems:
-        print(f"  - {msg}")
-    return 0 if report.ok else 1
+    return print_report(report)
 
 
 if __name__ == "__main__":
