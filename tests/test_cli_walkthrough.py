@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.servers import free_port, serve_broker
+from tests.servers import free_port, run_cli, serve_broker
 
 BIN = Path(sys.executable).parent
 
@@ -24,26 +24,13 @@ def served(database_url: str, tmp_path: Path) -> Iterator[tuple[str, dict[str, s
         yield proc.url, proc.env
 
 
-def _run(env: dict[str, str], *args: str) -> str:
-    done = subprocess.run(  # noqa: S603
-        [str(BIN / "broker"), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
-
-
 def test_walkthrough_and_demo(served: tuple[str, dict[str, str]], tmp_path: Path) -> None:
     url, env = served
     keys = tmp_path / "agency-keys"
-    out = _run(env, "keys", "generate", "--out", str(keys), "--name", "ops")
+    out = run_cli(env, "keys", "generate", "--out", str(keys), "--name", "ops")
     assert "ops.sig.jwks.json" in out
     assert (keys / "ops.sig.private.jwk.json").stat().st_mode & 0o077 == 0
-    admin_id = _run(
+    admin_id = run_cli(
         env,
         "clients",
         "add",
@@ -55,7 +42,7 @@ def test_walkthrough_and_demo(served: tuple[str, dict[str, str]], tmp_path: Path
         str(keys / "ops.sig.jwks.json"),
     ).strip()
     assert len(admin_id) == 36
-    token = _run(
+    token = run_cli(
         env,
         "token",
         "--client-id",

@@ -140,6 +140,11 @@ async def inclusion(session: AsyncSession, index: int, size: int | None) -> Incl
     tree = await _checked_size(session, size)
     if not 0 <= index < tree:
         raise InvalidRequest(f"index must be in [0, {tree}) for tree_size {tree}.")
+    return await _inclusion(session, index, tree)
+
+
+async def _inclusion(session: AsyncSession, index: int, tree: int) -> InclusionProofOut:
+    """Proof for an index and size already known to lie within the integrated tree."""
     nodes = await load_nodes(
         session, nodes_needed(inclusion_proof_ranges(index, tree)) | {(0, index)}
     )
@@ -175,7 +180,7 @@ async def receipt(
     cp = await _latest(session)
     if row is None or cp is None or cp.tree_size <= row.idx:
         raise Conflict("The ledger entry is not integrated yet; retry in a moment.", retry_after=1)
-    proof = await inclusion(session, row.idx, cp.tree_size)
+    proof = await _inclusion(session, row.idx, cp.tree_size)  # both known integrated
     return ReceiptOut(
         disclosure_id=disclosure.id,
         outcome=disclosure.outcome,
