@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from sqlalchemy import event
 from sqlalchemy.engine.interfaces import DBAPIConnection
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -44,8 +44,23 @@ def make_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
         return engine
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 10)
-    kwargs.setdefault("pool_pre_ping", True)
-    return create_async_engine(database_url, **kwargs)
+    engine = create_async_engine(database_url, **kwargs)
+    if not kwargs.get("pool_pre_ping") and engine.dialect.driver == "asyncpg":
+        event.listen(engine.sync_engine, "checkout", _refuse_closed_asyncpg)
+    return engine
+
+
+def _refuse_closed_asyncpg(dbapi_conn: Any, _record: ConnectionPoolEntry, _proxy: Any) -> None:
+    """Hand out no pooled connection the server has already closed.
+
+    A backend that was terminated or restarted closes its socket; asyncpg sees the
+    EOF and marks the connection closed, so this check finds it without the three
+    round trips (BEGIN, ping, ROLLBACK) that ``pool_pre_ping`` spends on every
+    request. The pool then opens a fresh connection. A connection that dies
+    mid-request is still answered 503 by ``get_session``.
+    """
+    if dbapi_conn._connection.is_closed():
+        raise DisconnectionError("pooled connection was closed by the server")
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -329,6 +329,19 @@ async def test_concurrent_requests_respect_last_use(world: World) -> None:
     assert statuses.count(200) == 1, statuses
     assert set(statuses) <= {200, 403}
     assert (await s.advocate.get(f"/v1/consents/{grant['id']}")).json()["uses"] == 1
+    # Each loser wrote exactly one denial (no permit row left behind by a lost use).
+    async with world.rt.sessionmaker() as session:
+        rows = (await session.execute(select(Disclosure.outcome, Disclosure.reason))).all()
+        kinds = (
+            await session.scalars(
+                select(LedgerPending.entry_type).where(
+                    LedgerPending.entry_type.like("disclosure.%")
+                )
+            )
+        ).all()
+    assert sorted(o for o, _ in rows) == ["denied"] * 7 + ["permitted"], rows
+    assert {r for o, r in rows if o == "denied"} <= {"uses_exhausted", "grant_changed"}
+    assert sorted(kinds) == ["disclosure.denied"] * 7 + ["disclosure.permitted"]
 
 
 async def test_revocation_is_never_followed_by_a_disclosure(world: World) -> None:

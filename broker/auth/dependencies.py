@@ -11,10 +11,11 @@ from sqlalchemy import bindparam, select
 from broker.auth.roles import Principal, Role
 from broker.db import SessionDep
 from broker.errors import Forbidden, Unauthenticated
+from broker.hot_sql import HotStatement
 from broker.models import Agency, Client
 
 # Checked on every request, so a withdrawal or suspension takes effect at once.
-_STATUS = (
+_STATUS = HotStatement(
     select(Client.status, Agency.status)
     .join(Agency, Agency.id == Client.agency_id)
     .where(Client.id == bindparam("client_id"), Agency.id == bindparam("agency_id"))
@@ -29,9 +30,9 @@ async def current_principal(request: Request, session: SessionDep) -> Principal:
     rt = request.app.state.runtime
     principal: Principal = rt.token_verifier.verify(token.strip())
     rt.limiter.hit(principal.client_id)
-    conn = await session.connection()
     params = {"client_id": principal.client_id, "agency_id": principal.agency_id}
-    row = (await conn.execute(_STATUS, params)).first()
+    rows = await _STATUS.rows(session, params)
+    row = rows[0] if rows else None
     if row is None or row[0] != "active":
         raise Unauthenticated("This client has been withdrawn.")
     if row[1] != "active":

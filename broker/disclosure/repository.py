@@ -5,15 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, bindparam, select, update
+from sqlalchemy import ARRAY, Integer, String, and_, any_, bindparam, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from broker.disclosure.decision import GrantView
+from broker.hot_sql import PG_DIALECT, HotStatement
 from broker.models import (
     Agency,
     ConsentGrant,
     ConsentVersion,
+    Disclosure,
     HeldRecord,
+    LedgerPending,
     Subject,
     SubjectReference,
 )
@@ -25,11 +28,11 @@ class Resolved:
     grants: list[GrantView]
 
 
-# The hot path's statements are built once, with bound parameters, and run on the
-# session's connection: no per-request expression building or ORM hydration, and
-# SQLAlchemy's compiled cache always hits.
+# The hot path's statements are built once, with bound parameters, and run as
+# ``HotStatement``s: no per-request expression building or ORM hydration, and on
+# PostgreSQL straight through the driver.
 _V = ConsentVersion
-_RESOLVE = (
+_RESOLVE = HotStatement(
     select(
         SubjectReference.subject_id,
         ConsentGrant.uses,
@@ -70,10 +73,7 @@ async def resolve(session: AsyncSession, agency_id: str, subject_ref: str) -> Re
 
     One statement: an unknown reference and a known one without grants cost the same.
     """
-    conn = await session.connection()
-    rows = (
-        await conn.execute(_RESOLVE, {"agency_id": agency_id, "subject_ref": subject_ref})
-    ).all()
+    rows = await _RESOLVE.rows(session, {"agency_id": agency_id, "subject_ref": subject_ref})
     if not rows:
         return Resolved(None, [])
     grants = [_view(row) for row in rows if row[2] is not None]
@@ -112,7 +112,7 @@ class Party:
     held: bytes | None  # deposited record of the requested category, encrypted
 
 
-_PARTIES = (
+_PARTIES_SELECT = (
     select(
         Agency.id,
         Agency.status,
@@ -139,7 +139,11 @@ _PARTIES = (
             HeldRecord.category == bindparam("category"),
         ),
     )
-    .where(Agency.id.in_(bindparam("agency_ids", expanding=True)))
+)
+_PARTIES = HotStatement(
+    _PARTIES_SELECT.where(Agency.id.in_(bindparam("agency_ids", expanding=True))),
+    # One array parameter on PostgreSQL: one prepared statement for any number of ids.
+    pg=_PARTIES_SELECT.where(Agency.id == any_(bindparam("agency_ids", type_=ARRAY(String)))),
 )
 
 
@@ -150,13 +154,12 @@ async def parties(
 
     Also returns the survivor's wrapped data key (None once erased).
     """
-    conn = await session.connection()
     params = {"subject_id": subject_id, "category": category, "agency_ids": agency_ids}
     found: dict[str, Party] = {}
     wrapped: bytes | None = None
-    for agency_id, status, jwks, endpoint, reference, held, key in (
-        await conn.execute(_PARTIES, params)
-    ).all():
+    for agency_id, status, jwks, endpoint, reference, held, key in await _PARTIES.rows(
+        session, params
+    ):
         found[agency_id] = Party(agency_id, status, jwks, endpoint, reference, held)
         wrapped = key
     return found, wrapped
@@ -173,26 +176,90 @@ async def held_record(
     return (await session.execute(stmt)).scalar_one_or_none()
 
 
-_TAKE_USE = (
+# --------------------------------------------------------------------------- writes
+
+_TAKE_USE = HotStatement(
     update(ConsentGrant)
     .where(
         ConsentGrant.id == bindparam("grant_id"),
         ConsentGrant.latest_version == bindparam("version"),
+        # NULL max_uses: no limit.
+        (bindparam("max_uses", type_=Integer) == None)  # noqa: E711
+        | (ConsentGrant.uses < bindparam("max_uses", type_=Integer)),
     )
     .values(uses=ConsentGrant.uses + 1)
 )
-_TAKE_LIMITED_USE = _TAKE_USE.where(ConsentGrant.uses < bindparam("max_uses"))
+_INSERT_PENDING = insert(LedgerPending)
+_INSERT_DISCLOSURE = insert(Disclosure)
 
 
-async def take_use(session: AsyncSession, grant: GrantView) -> bool:
-    """Count one use, atomically, only if the version decided on is still the latest.
+def _decision_sql() -> str:
+    """PostgreSQL: a grant use and a decision's two rows in one statement.
 
-    The row lock taken here orders this disclosure against a concurrent revocation
-    (which locks the same row): whichever commits second sees the other's effect.
+    The UPDATE of the grant (row-locked, as ``take_use`` would) gates both INSERTs,
+    so a lost race writes nothing; the caller then records a denial instead.
     """
-    params: dict[str, Any] = {"grant_id": grant.grant_id, "version": grant.version}
-    stmt = _TAKE_USE
-    if grant.max_uses is not None:
-        stmt, params["max_uses"] = _TAKE_LIMITED_USE, grant.max_uses
-    result = await (await session.connection()).execute(stmt, params)
-    return bool(getattr(result, "rowcount", 0) == 1)
+    pending = [c for c in LedgerPending.__table__.columns if c.name != "seq"]
+    disclosure = list(Disclosure.__table__.columns)
+
+    def values(columns: list[Any], prefix: str) -> str:
+        return ", ".join(
+            f"CAST(:{prefix}{c.name} AS {c.type.compile(dialect=PG_DIALECT)})" for c in columns
+        )
+
+    # Built once at import from the table metadata; values travel as bound parameters.
+    return (
+        "WITH used AS (UPDATE consent_grants SET uses = uses + 1 "  # noqa: S608
+        "WHERE CAST(:take AS BOOLEAN) AND id = CAST(:grant_id AS VARCHAR) "
+        "AND latest_version = CAST(:version AS INTEGER) "
+        "AND (CAST(:max_uses AS INTEGER) IS NULL OR uses < CAST(:max_uses AS INTEGER)) "
+        "RETURNING 1), "
+        "go AS (SELECT 1 WHERE NOT CAST(:take AS BOOLEAN) OR EXISTS (SELECT 1 FROM used)), "
+        f"pending AS (INSERT INTO ledger_pending ({', '.join(c.name for c in pending)}) "
+        f"SELECT {values(pending, 'p_')} FROM go RETURNING 1) "
+        f"INSERT INTO disclosures ({', '.join(c.name for c in disclosure)}) "
+        f"SELECT {values(disclosure, 'd_')} FROM go"
+    )
+
+
+def _typed_binds() -> list[Any]:
+    return [
+        bindparam(f"{prefix}{c.name}", type_=c.type)
+        for prefix, table in (("p_", LedgerPending), ("d_", Disclosure))
+        for c in table.__table__.columns
+        if c.name != "seq"
+    ]
+
+
+_DECISION_PG = HotStatement(text(_decision_sql()).bindparams(*_typed_binds()))
+
+
+async def store_decision(
+    session: AsyncSession,
+    pending: dict[str, Any],
+    disclosure: dict[str, Any],
+    use: GrantView | None = None,
+) -> bool:
+    """Write a decision's ledger entry and disclosure row; for a permit, count the use.
+
+    With ``use``, nothing is written unless the use is taken: the version decided on
+    is still the grant's latest and uses are left. The row lock this takes orders the
+    disclosure against a concurrent revocation (which locks the same grant row):
+    whichever commits second sees the other's effect. False when the use was lost.
+    """
+    grant = {
+        "grant_id": use.grant_id if use else None,
+        "version": use.version if use else None,
+        "max_uses": use.max_uses if use else None,
+    }
+    conn = await session.connection()
+    if conn.dialect.name == "postgresql":
+        params = {"take": use is not None, **grant}
+        params.update({f"p_{k}": v for k, v in pending.items()})
+        params.update({f"d_{k}": v for k, v in disclosure.items()})
+        return await _DECISION_PG.affected(session, params) == 1
+    if use is not None and await _TAKE_USE.affected(session, grant) != 1:
+        return False
+    await conn.execute(_INSERT_PENDING, pending)
+    await conn.execute(_INSERT_DISCLOSURE, disclosure)
+    return True

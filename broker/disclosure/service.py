@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from broker.auth.roles import Principal
@@ -25,8 +24,7 @@ from broker.disclosure import repository
 from broker.disclosure.decision import Denied, DisclosureRequest, GrantView, Permit, decide
 from broker.disclosure.schemas import DisclosureCreate
 from broker.errors import PROBLEM_BASE, BrokerError, InvalidRequest, NotPermitted
-from broker.ledger.entries import append_entry
-from broker.models import Disclosure
+from broker.ledger.entries import pending_row
 from broker.runtime import Runtime
 from broker.sources.endpoint import SourceFailure, fetch_record
 from broker.sources.held import open_record
@@ -82,9 +80,6 @@ async def request_disclosure(
     return await ctx.disclose(permit)
 
 
-_INSERT_DISCLOSURE = insert(Disclosure)
-
-
 @dataclass
 class _Context:
     session: AsyncSession
@@ -108,7 +103,13 @@ class _Context:
         source_agency_id: str | None = None,
         payload_digest: str | None = None,
         extra: dict[str, Any] | None = None,
-    ) -> str:
+        use: GrantView | None = None,
+    ) -> str | None:
+        """Write the decision's ledger entry and disclosure row; its entry id.
+
+        With ``use`` (a permit), nothing is written and None comes back if the grant
+        use could not be taken.
+        """
         rt = self.rt
         commitment = None
         if self.subject_id is None:
@@ -135,8 +136,7 @@ class _Context:
         }
         if extra:
             fields.update(extra)
-        entry_id = await append_entry(
-            self.session,
+        pending = pending_row(
             hmac_key=rt.keys.subject_hmac,
             entry_type=entry_type,
             actor=self.caller,
@@ -146,9 +146,10 @@ class _Context:
             fields=fields,
             now=self.now,
         )
-        conn = await self.session.connection()
-        await conn.execute(
-            _INSERT_DISCLOSURE,
+        entry_id: str = pending["entry_id"]
+        stored = await repository.store_decision(
+            self.session,
+            pending,
             {
                 "id": self.disclosure_id,
                 "subject_id": self.subject_id,
@@ -169,8 +170,9 @@ class _Context:
                 "subject_ref": self.data.subject_ref if self.subject_id is not None else None,
                 "created_at": self.now,
             },
+            use,
         )
-        return entry_id
+        return entry_id if stored else None
 
     async def denied(self, reason: str, grant: GrantView | None) -> Outcome:
         await self.record(
@@ -228,17 +230,6 @@ class _Context:
         if record is None or source_used is None:
             return await self._no_record(grant)
 
-        if not await repository.take_use(self.session, grant):
-            # Lost a race: the grant changed (revoked, paused, revised) or the last use went.
-            resolved = await repository.resolve(
-                self.session, self.caller.agency_id, self.data.subject_ref
-            )
-            try:
-                permit = decide(self.req, resolved.grants, self.rt.catalog.policy, self.now)
-            except Denied as denial:
-                return await self.denied(denial.reason, denial.grant)
-            return await self.denied("grant_changed", permit.grant)
-
         data = {name: record[name] for name in sorted(permit.disclosed) if name in record}
         disclosed = sorted(data)
         withheld = sorted(permit.withheld)
@@ -269,7 +260,19 @@ class _Context:
             source_agency_id=source_used.id,
             payload_digest=digest,
             extra={"dropped_unknown_fields": dropped},
+            use=grant,
         )
+        if entry is None:
+            # Lost a race: the grant changed (revoked, paused, revised) or the last use
+            # went. Nothing was written; the sealed payload is dropped unsent.
+            resolved = await repository.resolve(
+                self.session, self.caller.agency_id, self.data.subject_ref
+            )
+            try:
+                permit = decide(self.req, resolved.grants, self.rt.catalog.policy, self.now)
+            except Denied as denial:
+                return await self.denied(denial.reason, denial.grant)
+            return await self.denied("grant_changed", permit.grant)
         return Outcome(
             200,
             {

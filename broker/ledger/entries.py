@@ -69,8 +69,7 @@ def canonical_body(body: dict[str, Any]) -> str:
     return rfc8785.dumps(body).decode("utf-8")
 
 
-async def append_entry(
-    session: AsyncSession,
+def pending_row(
     *,
     hmac_key: bytes,
     entry_type: str,
@@ -80,8 +79,11 @@ async def append_entry(
     commitment: str | None = None,
     fields: dict[str, Any] | None = None,
     now: datetime | None = None,
-) -> str:
-    """Queue one entry; returns its id. ``commitment`` overrides the subject commitment."""
+) -> dict[str, Any]:
+    """The outbox row of one entry, for a caller that writes it with other rows at once.
+
+    ``commitment`` overrides the subject commitment.
+    """
     entry_id = str(uuid.uuid4())
     at = now or datetime.now(UTC)
     if commitment is None and subject_id is not None:
@@ -100,7 +102,7 @@ async def append_entry(
         if overlap:
             raise ValueError(f"ledger fields collide with the envelope: {sorted(overlap)}")
         body.update(fields)
-    params = {
+    return {
         "entry_id": entry_id,
         "entry_type": entry_type,
         "agency_id": agency_id,
@@ -108,7 +110,33 @@ async def append_entry(
         "body": canonical_body(body),
         "created_at": at,
     }
+
+
+async def append_entry(
+    session: AsyncSession,
+    *,
+    hmac_key: bytes,
+    entry_type: str,
+    actor: Principal | None,
+    agency_id: str | None,
+    subject_id: str | None = None,
+    commitment: str | None = None,
+    fields: dict[str, Any] | None = None,
+    now: datetime | None = None,
+) -> str:
+    """Queue one entry in the caller's transaction; returns its id."""
+    row = pending_row(
+        hmac_key=hmac_key,
+        entry_type=entry_type,
+        actor=actor,
+        agency_id=agency_id,
+        subject_id=subject_id,
+        commitment=commitment,
+        fields=fields,
+        now=now,
+    )
     # A Core insert on the transaction's connection: written now, in the caller's
-    # transaction, without the unit of work's bookkeeping on the hot path.
-    await (await session.connection()).execute(_INSERT, params)
+    # transaction, without the unit of work's bookkeeping.
+    await (await session.connection()).execute(_INSERT, row)
+    entry_id: str = row["entry_id"]
     return entry_id
