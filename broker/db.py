@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from sqlalchemy import event
 from sqlalchemy.engine.interfaces import DBAPIConnection
-from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InvalidatePoolError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.util.concurrency import await_
 
 from broker.errors import Conflict, ServiceUnavailable
 
@@ -46,21 +47,28 @@ def make_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
     kwargs.setdefault("max_overflow", 10)
     engine = create_async_engine(database_url, **kwargs)
     if not kwargs.get("pool_pre_ping") and engine.dialect.driver == "asyncpg":
-        event.listen(engine.sync_engine, "checkout", _refuse_closed_asyncpg)
+        event.listen(engine.sync_engine, "checkout", _begin_on_checkout)
     return engine
 
 
-def _refuse_closed_asyncpg(dbapi_conn: Any, _record: ConnectionPoolEntry, _proxy: Any) -> None:
-    """Hand out no pooled connection the server has already closed.
+def _begin_on_checkout(dbapi_conn: Any, _record: ConnectionPoolEntry, _proxy: Any) -> None:
+    """Open the transaction as the pool hands a connection out: BEGIN is the liveness check.
 
-    A backend that was terminated or restarted closes its socket; asyncpg sees the
-    EOF and marks the connection closed, so this check finds it without the three
-    round trips (BEGIN, ping, ROLLBACK) that ``pool_pre_ping`` spends on every
-    request. The pool then opens a fresh connection. A connection that dies
-    mid-request is still answered 503 by ``get_session``.
+    ``pool_pre_ping`` spends three round trips per request on the asyncpg driver
+    (BEGIN, ping, ROLLBACK) before the request's own BEGIN. Every checkout here is
+    followed by a transaction anyway, so starting it now proves the connection is
+    alive for free. A connection the server closed or left mid-protocol (a
+    terminated backend, a restart) fails this BEGIN; the pool then drops every
+    connection older than now and opens a fresh one, as pre-ping would.
     """
-    if dbapi_conn._connection.is_closed():
-        raise DisconnectionError("pooled connection was closed by the server")
+    if dbapi_conn.isolation_level == "autocommit" or dbapi_conn._transaction is not None:
+        return
+    try:
+        if dbapi_conn._connection.is_closed():
+            raise ConnectionError("closed by the server")
+        await_(dbapi_conn._start_transaction())
+    except Exception as exc:
+        raise InvalidatePoolError(f"pooled connection is dead: {type(exc).__name__}") from exc
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -58,10 +58,23 @@ class HotStatement:
         return args
 
     async def _driver(self, session: AsyncSession) -> asyncpg.Connection | None:
+        """The session's asyncpg connection, inside its transaction; None off PostgreSQL."""
         conn = await session.connection()
         if conn.dialect.name != "postgresql":
             return None
         raw = await conn.get_raw_connection()
+        adapter = raw.dbapi_connection
+        # SQLAlchemy's adapter issues BEGIN lazily, at its own first statement. A
+        # statement sent straight to the driver before that would run in autocommit
+        # and survive a rollback, so open the adapter's transaction first.
+        if getattr(adapter, "_transaction", False) is None:
+            if getattr(adapter, "isolation_level", None) != "autocommit":
+                try:
+                    await adapter._start_transaction()  # type: ignore[union-attr]
+                except Exception as exc:  # the adapter's own PEP 249 error classes
+                    raise _translated("BEGIN", exc) from exc
+        elif not hasattr(adapter, "_transaction"):
+            return None  # an adapter this module does not know: stay on Core
         driver: asyncpg.Connection = raw.driver_connection
         return driver
 
