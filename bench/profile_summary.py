@@ -41,7 +41,7 @@ BUCKETS: dict[str, tuple[str, ...]] = {
         "Connection._do_execute",
     ),
     "transaction BEGIN/COMMIT": ("Transaction.start", "Transaction.__commit"),
-    "pool checkout and pre-ping": ("_ConnectionFairy._checkout",),
+    "pool checkout (BEGIN at checkout)": ("_ConnectionFairy._checkout",),
     "FastAPI dependency solving (incl. auth query)": ("solve_dependencies",),
     "auth: current_principal (token cache + client/agency query)": ("current_principal",),
     "JWE/JWS seal_payload (joserfc + cryptography)": ("seal_payload",),

@@ -372,7 +372,7 @@ async def test_connection_killed_while_records_endpoint_answers(
         assert again.json()["payload"].count(".") == 4
 
         # Now kill the pooled connections while no request holds them: the next request
-        # must not be handed a dead one (pool_pre_ping).
+        # must not be handed a dead one (the BEGIN at checkout, broker.db._begin_on_checkout).
         idle_killed = await _terminate_backends(_dbname(database_url))
         assert idle_killed >= 1, "the pool kept a connection"
         third = await s.officer.post("/v1/disclosures", json=_ask())
