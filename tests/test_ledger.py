@@ -11,11 +11,13 @@ import io
 import json
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select, text
 
 from broker.cli import main as broker_main
+from broker.errors import InvalidRequest
 from broker.ledger import service as ledger_service
 from broker.ledger.checkpoint import open_checkpoint
 from broker.ledger.merkle import StreamingTree, leaf_hash, verify_consistency, verify_inclusion
@@ -205,6 +207,16 @@ async def test_every_served_proof_verifies_and_a_changed_leaf_does_not(world: Wo
         "/v1/ledger/proofs/consistency", params={"first": 1, "second": size + 1}
     )
     assert beyond.status_code == 422 and "exceeds" in beyond.json()["detail"]
+    # Past the integrated tree, whatever nodes happen to exist: refused, never a proof
+    # (proofs for a named size skip the size query when their nodes prove it).
+    async with world.rt.sessionmaker() as session:
+        for n in range(size + 1, 2 * size + 3):
+            for i in (0, size - 1, n - 1):
+                with pytest.raises(InvalidRequest, match="exceeds"):
+                    await ledger_service.inclusion(session, i, n)
+            for m in (1, size - 1, size, n - 1):
+                with pytest.raises(InvalidRequest):
+                    await ledger_service.consistency(session, m, n)
 
 
 def _root_from_inclusion(index: int, size: int, leaf: bytes, path: list[bytes]) -> bytes:
