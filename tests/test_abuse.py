@@ -1,7 +1,12 @@
-"""Abuse signals: per-client rate limits and the auditors' denial report (story 5)."""
+"""Abuse signals: the auditors' denial report (story 5) and audited reference refusals."""
 
 from __future__ import annotations
 
+import json
+
+from sqlalchemy import func, select
+
+from broker.models import LedgerPending, SubjectReference
 from tests.support import World, consent_body, story_one
 
 
@@ -67,3 +72,46 @@ async def test_fhir_export(world: World) -> None:
     codes = [c["coding"][0]["code"] for c in provision["provision"][0]["code"]]
     assert codes == ["bed_status", "intake_date"]
     assert provision["provision"][1]["type"] == "deny"
+
+
+async def test_taken_reference_is_refused_and_recorded(world: World) -> None:
+    """A 409 on linking reveals that a reference exists at an agency: an insider could
+    probe with it, so every refusal is committed to the ledger for auditors."""
+    s = await story_one(world)
+    other = await world.subject(s.advocate)
+    before = await _count(world, SubjectReference)
+    refused = await s.advocate.post(
+        f"/v1/subjects/{other}/references",
+        json={"agency_id": s.shelter.id, "reference": "HH-2024-0042"},
+    )
+    assert refused.status_code == 409, refused.text
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert refused.json()["detail"] == "This agency already uses this reference for a survivor."
+    assert s.subject_id not in refused.text
+    assert await _count(world, SubjectReference) == before
+    async with world.rt.sessionmaker() as session:
+        rows = (
+            await session.execute(
+                select(LedgerPending.body).where(
+                    LedgerPending.entry_type == "subject.reference_refused"
+                )
+            )
+        ).all()
+    assert len(rows) == 1
+    entry = json.loads(rows[0][0])
+    assert entry["actor"]["client_id"] == s.advocate.client_id
+    assert entry["agency_id"] == s.shelter.id and entry["reason"] == "reference_taken"
+    assert entry["subject"] and entry["reference"]  # keyed commitments only
+    for secret in ("HH-2024-0042", s.subject_id, other):
+        assert secret not in rows[0][0]
+    # The same reference at another agency is free: uniqueness is per agency.
+    free = await s.advocate.post(
+        f"/v1/subjects/{other}/references",
+        json={"agency_id": s.police.id, "reference": "HH-2024-0042"},
+    )
+    assert free.status_code == 201, free.text
+
+
+async def _count(world: World, model: type[SubjectReference]) -> int:
+    async with world.rt.sessionmaker() as session:
+        return int(await session.scalar(select(func.count()).select_from(model)) or 0)

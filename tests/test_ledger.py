@@ -346,6 +346,9 @@ async def test_no_personal_data_in_any_entry_type(world: World) -> None:
     assert world.admin is not None
     await world.admin.patch(f"/v1/agencies/{s.police.id}", json={"status": "suspended"})
     erased = await world.subject(s.advocate, {s.shelter.id: "HH-ERASE-77"})
+    taken = {"agency_id": s.police.id, "reference": "PD-24-0193"}
+    refused = await s.advocate.post(f"/v1/subjects/{erased}/references", json=taken)
+    assert refused.status_code == 409, refused.text
     gone = await s.advocate.request("DELETE", f"/v1/subjects/{erased}", json=life)
     assert gone.status_code == 200, gone.text
     await integrate_until_empty(world.rt)
@@ -358,6 +361,7 @@ async def test_no_personal_data_in_any_entry_type(world: World) -> None:
         "client.issued",
         "subject.enrolled",
         "subject.reference_linked",
+        "subject.reference_refused",
         "subject.erased",
         "record.deposited",
         "consent.granted",
@@ -370,7 +374,7 @@ async def test_no_personal_data_in_any_entry_type(world: World) -> None:
     } <= types, types
     values = [v for v in SHELTER_RECORD.values() if isinstance(v, str) and len(v) > 3]
     # Short enumerations ("assigned") are also field-name fragments: match them as JSON strings.
-    secrets = [*SECRET_VALUES, "PD-UNKNOWN", "HH-ERASE-77", s.subject_id, erased]
+    secrets = [*SECRET_VALUES, "PD-UNKNOWN", "HH-ERASE-77", "PD-24-0193", s.subject_id, erased]
     secrets += [v if len(v) > 10 else json.dumps(v) for v in values]
     for entry_type, body in rows:
         for secret in secrets:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, status
+from starlette.responses import Response
 
 from broker.auth.dependencies import AdvocateCaller
 from broker.consent.schemas import ConsentLifecycle
@@ -14,6 +15,7 @@ from broker.errors import (
     NotFound,
     Unauthenticated,
     error_responses,
+    problem_response,
 )
 from broker.models import SubjectReference
 from broker.runtime import RuntimeDep
@@ -58,7 +60,10 @@ async def get_subject(subject_id: str, caller: AdvocateCaller, session: SessionD
 
 
 @router.post(
-    "/subjects/{subject_id}/references", status_code=status.HTTP_201_CREATED, responses=_ERRORS
+    "/subjects/{subject_id}/references",
+    status_code=status.HTTP_201_CREATED,
+    responses=_ERRORS,
+    response_model=ReferenceOut,
 )
 async def link_reference(
     subject_id: str,
@@ -66,8 +71,11 @@ async def link_reference(
     caller: AdvocateCaller,
     session: SessionDep,
     rt: RuntimeDep,
-) -> ReferenceOut:
-    return reference_out(await service.link_reference(session, rt, caller, subject_id, body))
+) -> ReferenceOut | Response:
+    linked = await service.link_reference(session, rt, caller, subject_id, body)
+    if isinstance(linked, Conflict):  # recorded in the ledger, so answered, not raised
+        return problem_response(linked.status_code, linked.to_problem())
+    return reference_out(linked)
 
 
 @router.delete("/subjects/{subject_id}", responses=_ERRORS)

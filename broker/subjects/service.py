@@ -38,9 +38,20 @@ async def enrol(session: AsyncSession, rt: Runtime, actor: Principal) -> Subject
     return subject
 
 
+REFERENCE_TAKEN = "This agency already uses this reference for a survivor."
+
+
 async def link_reference(
     session: AsyncSession, rt: Runtime, actor: Principal, subject_id: str, data: ReferenceCreate
-) -> SubjectReference:
+) -> SubjectReference | Conflict:
+    """Link an agency's case reference to a survivor; a ``Conflict`` if it is taken.
+
+    References are unique per agency, so a refusal tells the caller the reference
+    exists there (never whose it is). That answer is an oracle an insider could
+    probe with, so it is recorded in the ledger -- actor, agency and a keyed
+    commitment to the reference -- and committed: the caller returns the Conflict
+    as the answer instead of raising it, which would roll the entry back.
+    """
     subject = await get_readable_subject(session, actor, subject_id)
     agency = await get_agency(session, data.agency_id)
     reference = printable(data.reference, what="reference", max_len=128)
@@ -49,8 +60,18 @@ async def link_reference(
             SubjectReference.agency_id == agency.id, SubjectReference.reference == reference
         )
     )
+    commitment = reference_commitment(rt.keys.subject_hmac, agency.id, reference)
     if taken is not None:
-        raise Conflict("This agency already uses this reference for a survivor.")
+        await append_entry(
+            session,
+            hmac_key=rt.keys.subject_hmac,
+            entry_type="subject.reference_refused",
+            actor=actor,
+            agency_id=agency.id,
+            subject_id=subject.id,
+            fields={"reference": commitment, "reason": "reference_taken"},
+        )
+        return Conflict(REFERENCE_TAKEN)
     ref = SubjectReference(subject_id=subject.id, agency_id=agency.id, reference=reference)
     session.add(ref)
     await session.flush()
@@ -61,7 +82,7 @@ async def link_reference(
         actor=actor,
         agency_id=agency.id,
         subject_id=subject.id,
-        fields={"reference": reference_commitment(rt.keys.subject_hmac, agency.id, reference)},
+        fields={"reference": commitment},
     )
     return ref
 
