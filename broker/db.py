@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.util.concurrency import await_
 
-from broker.errors import Conflict, ServiceUnavailable
+from broker.errors import CommitUnconfirmed, Conflict, ServiceUnavailable
 
 log = logging.getLogger("broker.db")
 
@@ -77,14 +77,27 @@ def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     maker: async_sessionmaker[AsyncSession] = request.app.state.runtime.sessionmaker
+    committing = False
     try:
         async with maker() as session, session.begin():
             yield session
+            committing = True  # the handler returned: leaving the block commits
     except IntegrityError:
         raise Conflict(
             "The change conflicts with data already stored; nothing was changed."
         ) from None
     except DBAPIError as exc:
+        if committing and exc.connection_invalidated:
+            # COMMIT was sent and the connection died before its answer: the server may
+            # have committed. Saying "nothing was changed" could be false, so say so;
+            # no payload is sent either way (an unconfirmed disclosure over-reports in
+            # the ledger, it never under-reports).
+            log.warning("commit unconfirmed: connection lost: %s", type(exc.orig).__name__)
+            raise CommitUnconfirmed(
+                "The database connection was lost while committing: the change may or may "
+                "not have been stored. Check before retrying (for a disclosure, nothing "
+                "was sent; the survivor's accounting shows whether it was recorded)."
+            ) from None
         # Connection loss, a refused write, a failed commit: the transaction is gone
         # whole, so the honest answer is "not done, try again" and never a payload.
         log.warning("database error, transaction rolled back: %s", type(exc.orig).__name__)

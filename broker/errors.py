@@ -114,6 +114,13 @@ class ServiceUnavailable(BrokerError):
     title = "Service temporarily unavailable"
 
 
+class CommitUnconfirmed(ServiceUnavailable):
+    """The connection died after COMMIT was sent: the outcome is unknown, not 'nothing'."""
+
+    slug = "commit-unconfirmed"
+    title = "Outcome unknown: the commit was not confirmed"
+
+
 class OAuthError(BrokerError):
     """Token endpoint errors: RFC 6749 §5.2 ``error`` codes inside a problem document."""
 

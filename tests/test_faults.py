@@ -32,6 +32,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
+from broker.app import create_app
 from broker.db import make_engine
 from broker.ledger.verify import verify_export
 from broker.models import (
@@ -44,6 +45,7 @@ from broker.models import (
 )
 from broker.sdk import ASSERTION_TYPE, BrokerClient, make_client_assertion
 from tests.ledger_check import check_ledger
+from tests.pg_proxy import CommitCuttingProxy
 from tests.records_server import async_running_records_server
 from tests.reliability import record
 from tests.servers import (
@@ -459,6 +461,51 @@ async def test_connection_killed_during_consent_change(
     assert retry.json()["ledger_entry"] in done.pending_ids
     assert len(done.deliveries) == (1 if change == "revoked" else 0), "one notice, queued once"
     await _after_fault(world, f"consent {change} being written", 1, killed)
+
+
+@pytest.mark.postgres_only
+async def test_commit_acknowledgement_lost(world: World, database_url: str) -> None:
+    """COMMIT reaches the server but its answer never comes back (a proxy on 127.0.0.1
+    cuts the connection). The broker cannot know the outcome: it answers 503
+    commit-unconfirmed, never "nothing was changed" and never a payload. The commit did
+    happen, so the disclosure is recorded and counted: the ledger over-reports a
+    disclosure the recipient never received, and never under-reports. The pool then
+    recovers on its own."""
+    s, grant = await _setup(world)
+    proxy = await CommitCuttingProxy().start()
+    try:
+        via_proxy = database_url.replace(":5432/", f":{proxy.port}/", 1) + "?ssl=disable"
+        app = create_app(world.rt.settings.model_copy(update={"database_url": via_proxy}))
+        headers = {"Authorization": f"Bearer {await s.officer.token()}"}
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://broker.test"
+            ) as http,
+        ):
+            first = await http.post("/v1/disclosures", json=_ask(), headers=headers)
+            assert first.status_code == 200, first.text
+            proxy.armed = True
+            cut = await asyncio.wait_for(
+                http.post("/v1/disclosures", json=_ask(), headers=headers), HTTP_TIMEOUT
+            )
+            assert proxy.cuts == 1
+            assert cut.status_code == 503, cut.text
+            _no_payload(cut)
+            assert cut.json()["type"].endswith(":commit-unconfirmed")
+            assert "may or may not" in cut.json()["detail"]
+            again = await http.post("/v1/disclosures", json=_ask(), headers=headers)
+            assert again.status_code == 200, again.text
+    finally:
+        await proxy.close()
+    async with world.rt.sessionmaker() as session:
+        outcomes = (await session.scalars(select(Disclosure.outcome))).all()
+        head = await session.get(ConsentGrant, grant["id"])
+        kinds = (await session.scalars(select(LedgerPending.entry_type))).all()
+    assert outcomes == ["permitted"] * 3, "the unacknowledged commit was stored"
+    assert head is not None and head.uses == 3
+    assert kinds.count("disclosure.permitted") == 3
+    await _after_fault(world, "commit acknowledgement lost", 1, 1)
 
 
 # =========================================================================== real processes
