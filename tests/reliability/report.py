@@ -68,7 +68,11 @@ SUITES = (
         "bodies or unknown fields, or are unreachable",
     ),
     Suite("Rate limits", "tests/test_ratelimit.py", "a client flooding the API"),
-    Suite("Abuse signals", "tests/test_abuse.py", "an agency fishing for survivors"),
+    Suite(
+        "Abuse signals",
+        "tests/test_abuse.py",
+        "an agency fishing for survivors; an advocate probing for taken case references",
+    ),
     Suite("Faults injected", "tests/test_faults.py", "injected infrastructure faults"),
 )
 
