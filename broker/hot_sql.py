@@ -57,30 +57,9 @@ class HotStatement:
             args.append(_json_text(value) if name in self.json else value)
         return args
 
-    async def _driver(self, session: AsyncSession) -> asyncpg.Connection | None:
-        """The session's asyncpg connection, inside its transaction; None off PostgreSQL."""
-        conn = await session.connection()
-        if conn.dialect.name != "postgresql":
-            return None
-        raw = await conn.get_raw_connection()
-        adapter = raw.dbapi_connection
-        # SQLAlchemy's adapter issues BEGIN lazily, at its own first statement. A
-        # statement sent straight to the driver before that would run in autocommit
-        # and survive a rollback, so open the adapter's transaction first.
-        if getattr(adapter, "_transaction", False) is None:
-            if getattr(adapter, "isolation_level", None) != "autocommit":
-                try:
-                    await adapter._start_transaction()  # type: ignore[union-attr]
-                except Exception as exc:  # the adapter's own PEP 249 error classes
-                    raise _translated("BEGIN", exc) from exc
-        elif not hasattr(adapter, "_transaction"):
-            return None  # an adapter this module does not know: stay on Core
-        driver: asyncpg.Connection = raw.driver_connection
-        return driver
-
     async def rows(self, session: AsyncSession, params: Mapping[str, Any]) -> Sequence[Any]:
         """All rows, each indexable and unpackable like a tuple."""
-        driver = await self._driver(session)
+        driver = await session_driver(session)
         if driver is None:
             result = await (await session.connection()).execute(self.stmt, params)
             return result.all()
@@ -92,7 +71,7 @@ class HotStatement:
 
     async def affected(self, session: AsyncSession, params: Mapping[str, Any]) -> int:
         """Rows changed by an INSERT, UPDATE or DELETE."""
-        driver = await self._driver(session)
+        driver = await session_driver(session)
         if driver is None:
             result = await (await session.connection()).execute(self.stmt, params)
             return int(getattr(result, "rowcount", 0))
@@ -101,6 +80,46 @@ class HotStatement:
         except _DRIVER_ERRORS as exc:
             raise _translated(self.sql, exc) from exc
         return int(status.rsplit(" ", 1)[-1])
+
+
+_DRIVER_KEY = "broker.hot_sql.driver"
+
+
+async def session_driver(session: AsyncSession) -> asyncpg.Connection | None:
+    """The session's asyncpg connection, inside its transaction; None off PostgreSQL.
+
+    Looked up once per transaction: ``session.connection()`` costs a greenlet switch,
+    and a transaction keeps one connection for its whole life.
+    """
+    tx = session.sync_session.get_transaction()
+    cached = session.info.get(_DRIVER_KEY)
+    if cached is not None and tx is not None and cached[0] is tx and tx.is_active:
+        driver: asyncpg.Connection | None = cached[1]
+        return driver
+    driver = await _lookup_driver(session)
+    session.info[_DRIVER_KEY] = (session.sync_session.get_transaction(), driver)
+    return driver
+
+
+async def _lookup_driver(session: AsyncSession) -> asyncpg.Connection | None:
+    conn = await session.connection()
+    if conn.dialect.name != "postgresql":
+        return None
+    raw = await conn.get_raw_connection()
+    adapter = raw.dbapi_connection
+    # SQLAlchemy's adapter issues BEGIN lazily, at its own first statement (unless
+    # broker.db began at checkout). A statement sent straight to the driver before
+    # that would run in autocommit and survive a rollback: open the transaction first.
+    if getattr(adapter, "_transaction", False) is None:
+        if getattr(adapter, "isolation_level", None) != "autocommit":
+            try:
+                await adapter._start_transaction()  # type: ignore[union-attr]
+            except Exception as exc:  # the adapter's own PEP 249 error classes
+                raise _translated("BEGIN", exc) from exc
+    elif not hasattr(adapter, "_transaction"):
+        return None  # an adapter this module does not know: stay on Core
+    driver: asyncpg.Connection = raw.driver_connection
+    return driver
 
 
 def _is_json(type_: Any) -> bool:

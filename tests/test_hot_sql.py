@@ -112,3 +112,20 @@ async def test_bad_value_is_a_dbapi_error_not_a_crash(world: object) -> None:
         with pytest.raises(DBAPIError):
             async with session.begin():
                 await _INSERT.affected(session, _disclosure(grant_version="not a number"))
+
+
+async def test_one_session_two_transactions(world: object) -> None:
+    """The driver is cached per transaction: a second transaction of the same session
+    gets its own (a stale one could be a connection back in the pool, or autocommit)."""
+    rt = _rt(world)
+    kept, dropped = _disclosure(), _disclosure()
+    async with rt.sessionmaker() as session:
+        async with session.begin():
+            assert await _INSERT.affected(session, kept) == 1
+        tx = await session.begin()
+        assert await _INSERT.affected(session, dropped) == 1
+        assert len(await _ROW.rows(session, {"id": dropped["id"]})) == 1
+        await tx.rollback()
+        async with session.begin():
+            assert len(await _ROW.rows(session, {"id": kept["id"]})) == 1
+            assert await _ROW.rows(session, {"id": dropped["id"]}) == []

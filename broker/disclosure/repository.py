@@ -9,7 +9,7 @@ from sqlalchemy import ARRAY, Integer, String, and_, any_, bindparam, insert, se
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from broker.disclosure.decision import GrantView
-from broker.hot_sql import PG_DIALECT, HotStatement
+from broker.hot_sql import PG_DIALECT, HotStatement, session_driver
 from broker.models import (
     Agency,
     ConsentGrant,
@@ -252,14 +252,14 @@ async def store_decision(
         "version": use.version if use else None,
         "max_uses": use.max_uses if use else None,
     }
-    conn = await session.connection()
-    if conn.dialect.name == "postgresql":
+    if await session_driver(session) is not None:  # PostgreSQL: one statement
         params = {"take": use is not None, **grant}
         params.update({f"p_{k}": v for k, v in pending.items()})
         params.update({f"d_{k}": v for k, v in disclosure.items()})
         return await _DECISION_PG.affected(session, params) == 1
     if use is not None and await _TAKE_USE.affected(session, grant) != 1:
         return False
+    conn = await session.connection()
     await conn.execute(_INSERT_PENDING, pending)
     await conn.execute(_INSERT_DISCLOSURE, disclosure)
     return True
