@@ -5,11 +5,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ARRAY, Integer, String, and_, any_, bindparam, insert, select, text, update
+from sqlalchemy import (
+    ARRAY,
+    Boolean,
+    Executable,
+    Insert,
+    Integer,
+    String,
+    and_,
+    any_,
+    bindparam,
+    exists,
+    insert,
+    literal_column,
+    not_,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.elements import ColumnClause
 
 from broker.disclosure.decision import GrantView
-from broker.hot_sql import PG_DIALECT, HotStatement, session_driver
+from broker.hot_sql import HotStatement, session_driver
 from broker.models import (
     Agency,
     ConsentGrant,
@@ -178,7 +196,7 @@ async def held_record(
 
 # --------------------------------------------------------------------------- writes
 
-_TAKE_USE = HotStatement(
+_TAKE_USE_STMT = (
     update(ConsentGrant)
     .where(
         ConsentGrant.id == bindparam("grant_id"),
@@ -189,49 +207,33 @@ _TAKE_USE = HotStatement(
     )
     .values(uses=ConsentGrant.uses + 1)
 )
+_TAKE_USE = HotStatement(_TAKE_USE_STMT)
 _INSERT_PENDING = insert(LedgerPending)
 _INSERT_DISCLOSURE = insert(Disclosure)
 
 
-def _decision_sql() -> str:
-    """PostgreSQL: a grant use and a decision's two rows in one statement.
+def _decision_statement() -> Executable:
+    """PostgreSQL: the grant use and a decision's two rows in one statement.
 
-    The UPDATE of the grant (row-locked, as ``take_use`` would) gates both INSERTs,
-    so a lost race writes nothing; the caller then records a denial instead.
+    The same UPDATE as ``_TAKE_USE`` (row-locked) gates both INSERTs, so a lost race
+    writes nothing; the caller then records a denial instead. Without ``take`` (a
+    denial or failure) the rows are written unconditionally.
     """
-    pending = [c for c in LedgerPending.__table__.columns if c.name != "seq"]
-    disclosure = list(Disclosure.__table__.columns)
+    take = bindparam("take", type_=Boolean)
+    one: ColumnClause[int] = literal_column("1")
+    used = _TAKE_USE_STMT.where(take).returning(one).cte("used")
+    go = select(one).where(or_(not_(take), exists(select(one).select_from(used)))).cte("go")
 
-    def values(columns: list[Any], prefix: str) -> str:
-        return ", ".join(
-            f"CAST(:{prefix}{c.name} AS {c.type.compile(dialect=PG_DIALECT)})" for c in columns
-        )
+    def copy(table: type[LedgerPending] | type[Disclosure], prefix: str) -> Insert:
+        columns = [c for c in table.__table__.columns if c.name != "seq"]
+        values = select(*(bindparam(prefix + c.name, type_=c.type) for c in columns))
+        return insert(table).from_select([c.name for c in columns], values.select_from(go))
 
-    # Built once at import from the table metadata; values travel as bound parameters.
-    return (
-        "WITH used AS (UPDATE consent_grants SET uses = uses + 1 "  # noqa: S608
-        "WHERE CAST(:take AS BOOLEAN) AND id = CAST(:grant_id AS VARCHAR) "
-        "AND latest_version = CAST(:version AS INTEGER) "
-        "AND (CAST(:max_uses AS INTEGER) IS NULL OR uses < CAST(:max_uses AS INTEGER)) "
-        "RETURNING 1), "
-        "go AS (SELECT 1 WHERE NOT CAST(:take AS BOOLEAN) OR EXISTS (SELECT 1 FROM used)), "
-        f"pending AS (INSERT INTO ledger_pending ({', '.join(c.name for c in pending)}) "
-        f"SELECT {values(pending, 'p_')} FROM go RETURNING 1) "
-        f"INSERT INTO disclosures ({', '.join(c.name for c in disclosure)}) "
-        f"SELECT {values(disclosure, 'd_')} FROM go"
-    )
+    pending = copy(LedgerPending, "p_").returning(one).cte("pending")
+    return copy(Disclosure, "d_").add_cte(used, go, pending)
 
 
-def _typed_binds() -> list[Any]:
-    return [
-        bindparam(f"{prefix}{c.name}", type_=c.type)
-        for prefix, table in (("p_", LedgerPending), ("d_", Disclosure))
-        for c in table.__table__.columns
-        if c.name != "seq"
-    ]
-
-
-_DECISION_PG = HotStatement(text(_decision_sql()).bindparams(*_typed_binds()))
+_DECISION_PG = HotStatement(_decision_statement())
 
 
 async def store_decision(
