@@ -44,6 +44,7 @@ from broker.models import (
     WebhookDelivery,
 )
 from broker.sdk import ASSERTION_TYPE, BrokerClient, make_client_assertion
+from tests.conftest import BASE_URL
 from tests.ledger_check import check_ledger
 from tests.pg_proxy import CommitCuttingProxy
 from tests.records_server import async_running_records_server
@@ -479,9 +480,7 @@ async def test_commit_acknowledgement_lost(world: World, database_url: str) -> N
         headers = {"Authorization": f"Bearer {await s.officer.token()}"}
         async with (
             app.router.lifespan_context(app),
-            httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://broker.test"
-            ) as http,
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE_URL) as http,
         ):
             first = await http.post("/v1/disclosures", json=_ask(), headers=headers)
             assert first.status_code == 200, first.text
