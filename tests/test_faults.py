@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import io
 import json
-import os
 import random
 import time
 from collections import Counter
@@ -44,7 +43,7 @@ from broker.models import (
     WebhookDelivery,
 )
 from broker.sdk import ASSERTION_TYPE, BrokerClient, make_client_assertion
-from tests.conftest import BASE_URL
+from tests.conftest import BASE_URL, PG_ADMIN_DSN
 from tests.ledger_check import check_ledger
 from tests.pg_proxy import CommitCuttingProxy
 from tests.records_server import async_running_records_server
@@ -61,7 +60,6 @@ from tests.support import World, attestation, consent_body, enc_keypair, sig_key
 from tests.test_disclosure import SHELTER_RECORD, _ask, _setup
 from tests.webhook_server import WebhookServer
 
-PG_ADMIN_DSN = os.environ.get("TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 PROBLEM = "application/problem+json"
 HTTP_TIMEOUT = 10.0  # no request of these tests may take longer: "never a hang"
 SLEEP_SECONDS = 8  # how long a fault trigger holds a statement (it is terminated long before)
