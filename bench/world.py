@@ -118,8 +118,7 @@ async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
     try:
         yield rt
     finally:
-        await rt.http.aclose()
-        await rt.engine.dispose()
+        await rt.aclose()
 
 
 async def bootstrap_client(

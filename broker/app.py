@@ -45,8 +45,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             rt.tasks.clear()
-            await rt.http.aclose()
-            await rt.engine.dispose()
+            await rt.aclose()
 
     app = FastAPI(
         title="Consent broker",

@@ -90,8 +90,7 @@ async def _clients_add(args: argparse.Namespace) -> dict[str, Any]:
             )
             return {"client_id": client.id, "agency_id": client.agency_id, "role": client.role}
     finally:
-        await rt.http.aclose()
-        await rt.engine.dispose()
+        await rt.aclose()
 
 
 def cmd_clients_add(args: argparse.Namespace) -> int:

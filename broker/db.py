@@ -3,13 +3,18 @@
 The request owns the transaction: ``get_session`` opens it and commits when the
 handler returns (before the response is sent, see ``scope="function"`` in
 ``SessionDep``) or rolls back on any exception. Services only ``flush()``.
+
+On PostgreSQL, reads (GET, HEAD) and routes marked ``@single_statement_writes`` run
+on a second pool in autocommit instead: at READ COMMITTED a transaction gives a
+sequence of reads no common snapshot anyway, and a write that is one statement is
+atomic by itself, so BEGIN and COMMIT would only add two round trips.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 from sqlalchemy import event
@@ -25,6 +30,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.util.concurrency import await_
 
 from broker.errors import CommitUnconfirmed, Conflict, ServiceUnavailable
+from broker.hot_sql import OutcomeUnknown
 
 log = logging.getLogger("broker.db")
 
@@ -38,13 +44,18 @@ def _sqlite_on_connect(dbapi_conn: DBAPIConnection, _: ConnectionPoolEntry) -> N
     cur.close()
 
 
-def make_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
+def make_engine(database_url: str, *, autocommit: bool = False, **kwargs: Any) -> AsyncEngine:
+    """An engine; ``autocommit`` (PostgreSQL only) runs every statement on its own."""
     if database_url.startswith("sqlite"):
+        if autocommit:
+            raise ValueError("autocommit engines are for PostgreSQL; SQLite has no round trips")
         engine = create_async_engine(database_url, connect_args={"timeout": 30}, **kwargs)
         event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
         return engine
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 10)
+    if autocommit:
+        kwargs["isolation_level"] = "AUTOCOMMIT"
     engine = create_async_engine(database_url, **kwargs)
     if not kwargs.get("pool_pre_ping") and engine.dialect.driver == "asyncpg":
         event.listen(engine.sync_engine, "checkout", _begin_on_checkout)
@@ -59,13 +70,15 @@ def _begin_on_checkout(dbapi_conn: Any, _record: ConnectionPoolEntry, _proxy: An
     followed by a transaction anyway, so starting it now proves the connection is
     alive for free. A connection the server closed or left mid-protocol (a
     terminated backend, a restart) fails this BEGIN; the pool then drops every
-    connection older than now and opens a fresh one, as pre-ping would.
+    connection older than now and opens a fresh one, as pre-ping would. An autocommit
+    connection gets no BEGIN: only the driver's own record of a closed socket (the
+    server's goodbye on termination or shutdown) is checked, which costs nothing.
     """
-    if dbapi_conn.isolation_level == "autocommit" or dbapi_conn._transaction is not None:
-        return
     try:
         if dbapi_conn._connection.is_closed():
             raise ConnectionError("closed by the server")
+        if dbapi_conn.isolation_level == "autocommit" or dbapi_conn._transaction is not None:
+            return
         await_(dbapi_conn._start_transaction())
     except Exception as exc:
         raise InvalidatePoolError(f"pooled connection is dead: {type(exc).__name__}") from exc
@@ -75,19 +88,50 @@ def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
 
 
+_SINGLE_STATEMENT = "__broker_single_statement_writes__"
+_READS = frozenset({"GET", "HEAD"})
+E = TypeVar("E", bound=Callable[..., Any])
+
+
+def single_statement_writes(endpoint: E) -> E:
+    """Mark a route whose every write on PostgreSQL is a single statement.
+
+    Its session then runs in autocommit (no BEGIN, no COMMIT round trip). The mark is
+    a promise about the whole route: two writes would no longer be atomic together.
+    Write statements go through ``HotStatement(..., writes=True)``, so a connection
+    lost while one is in flight is answered as an unknown outcome, never as "nothing
+    was changed".
+    """
+    setattr(endpoint, _SINGLE_STATEMENT, True)
+    return endpoint
+
+
+def _wants_autocommit(request: Request) -> bool:
+    if request.method in _READS:
+        return True
+    return bool(getattr(request.scope.get("endpoint"), _SINGLE_STATEMENT, False))
+
+
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    maker: async_sessionmaker[AsyncSession] = request.app.state.runtime.sessionmaker
+    rt = request.app.state.runtime
+    maker: async_sessionmaker[AsyncSession] = (
+        rt.autocommit_sessionmaker if _wants_autocommit(request) else rt.sessionmaker
+    )
     committing = False
     try:
-        async with maker() as session, session.begin():
+        # Not ``session.begin()``: hot_sql may swap a stale autocommit connection for a
+        # fresh one mid-request (``session.invalidate()``), which that block forbids.
+        # Any exception leaves the block, and closing the session rolls back.
+        async with maker() as session:
             yield session
-            committing = True  # the handler returned: leaving the block commits
+            committing = True  # the handler returned
+            await session.commit()
     except IntegrityError:
         raise Conflict(
             "The change conflicts with data already stored; nothing was changed."
         ) from None
     except DBAPIError as exc:
-        if committing and exc.connection_invalidated:
+        if isinstance(exc, OutcomeUnknown) or (committing and exc.connection_invalidated):
             # COMMIT was sent and the connection died before its answer: the server may
             # have committed. Saying "nothing was changed" could be false, so say so;
             # no payload is sent either way (an unconfirmed disclosure over-reports in

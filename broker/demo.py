@@ -69,8 +69,7 @@ async def _bootstrap_admin() -> tuple[str, dict[str, Any]]:
             )
             return client.id, private
     finally:
-        await rt.http.aclose()
-        await rt.engine.dispose()
+        await rt.aclose()
 
 
 async def run_demo(url: str) -> int:

@@ -7,7 +7,8 @@ asyncpg connection -- the same transaction, asyncpg's prepared-statement cache
 -- as SQL compiled once from the very Core expression that SQLite runs through
 SQLAlchemy, so each query still has one definition. Driver errors are re-raised
 as SQLAlchemy's, so ``broker.db.get_session`` answers them as for any other
-statement (409 for a constraint, 503 for a lost connection).
+statement (409 for a constraint, 503 for a lost connection). A write in autocommit
+that loses its connection in flight is ``OutcomeUnknown``: it may have committed.
 """
 
 from __future__ import annotations
@@ -39,8 +40,11 @@ class HotStatement:
     for an expanding ``IN``) that must take the same parameters.
     """
 
-    def __init__(self, stmt: Executable, *, pg: Executable | None = None) -> None:
+    def __init__(
+        self, stmt: Executable, *, pg: Executable | None = None, writes: bool = False
+    ) -> None:
         self.stmt = stmt
+        self.writes = writes
         compiled = (pg if pg is not None else stmt).compile(dialect=PG_DIALECT)  # type: ignore[attr-defined]
         assert isinstance(compiled, SQLCompiler)
         self.sql = str(compiled)
@@ -63,10 +67,7 @@ class HotStatement:
         if driver is None:
             result = await (await session.connection()).execute(self.stmt, params)
             return result.all()
-        try:
-            rows: list[Any] = await driver.fetch(self.sql, *self._args(params))
-        except _DRIVER_ERRORS as exc:
-            raise _translated(self.sql, exc) from exc
+        rows: list[Any] = await self._on_driver(session, driver, "fetch", self._args(params))
         return rows
 
     async def affected(self, session: AsyncSession, params: Mapping[str, Any]) -> int:
@@ -75,11 +76,52 @@ class HotStatement:
         if driver is None:
             result = await (await session.connection()).execute(self.stmt, params)
             return int(getattr(result, "rowcount", 0))
-        try:
-            status: str = await driver.execute(self.sql, *self._args(params))
-        except _DRIVER_ERRORS as exc:
-            raise _translated(self.sql, exc) from exc
+        status: str = await self._on_driver(session, driver, "execute", self._args(params))
         return int(status.rsplit(" ", 1)[-1])
+
+    async def _on_driver(
+        self, session: AsyncSession, driver: asyncpg.Connection, method: str, args: list[Any]
+    ) -> Any:
+        """Run on the driver; once more on a fresh connection if a stale one refused it.
+
+        An autocommit connection gets no BEGIN at checkout (``broker.db``), so a
+        connection whose backend was terminated a moment ago can still be handed out:
+        the driver has read the server's goodbye but not yet the closed socket, or not
+        even the goodbye. With no transaction to lose, a statement the driver refused
+        before sending, or a read whose connection died, runs again on a new connection.
+        A write that may have reached the server never does (``_failure``).
+        """
+        was_open = not driver.is_closed()
+        try:
+            return await getattr(driver, method)(self.sql, *args)
+        except _DRIVER_ERRORS as exc:
+            autocommit = _autocommit(session)
+            again = autocommit and (
+                _refused_locally(was_open, exc) or (not self.writes and _connection_lost(exc))
+            )
+            if not (again and await _reconnect(session)):
+                raise self._failure(autocommit, was_open, exc) from exc
+        driver = await session_driver(session)
+        assert driver is not None
+        was_open = not driver.is_closed()
+        try:
+            return await getattr(driver, method)(self.sql, *args)
+        except _DRIVER_ERRORS as exc:
+            raise self._failure(_autocommit(session), was_open, exc) from exc
+
+    def _failure(self, autocommit: bool, was_open: bool, exc: BaseException) -> Exception:
+        """The SQLAlchemy error for a failed execution, telling a lost outcome apart.
+
+        A write outside a transaction commits on its own as the server finishes it.
+        If the connection dies once the statement may have reached the server, or the
+        server ends the session (class 57P: shutdown, termination) instead of
+        answering, the write may have committed.
+        """
+        if self.writes and autocommit and was_open and not _refused_locally(was_open, exc):
+            definite = isinstance(exc, asyncpg.PostgresError) and not _connection_lost(exc)
+            if not definite:
+                return OutcomeUnknown(self.sql, None, exc)
+        return _translated(self.sql, exc)
 
 
 _DRIVER_KEY = "broker.hot_sql.driver"
@@ -96,15 +138,21 @@ async def session_driver(session: AsyncSession) -> asyncpg.Connection | None:
     if cached is not None and tx is not None and cached[0] is tx and tx.is_active:
         driver: asyncpg.Connection | None = cached[1]
         return driver
-    driver = await _lookup_driver(session)
-    session.info[_DRIVER_KEY] = (session.sync_session.get_transaction(), driver)
+    driver, autocommit = await _lookup_driver(session)
+    session.info[_DRIVER_KEY] = (session.sync_session.get_transaction(), driver, autocommit)
     return driver
 
 
-async def _lookup_driver(session: AsyncSession) -> asyncpg.Connection | None:
+def _autocommit(session: AsyncSession) -> bool:
+    """Whether the session's current connection runs each statement on its own."""
+    cached = session.info.get(_DRIVER_KEY)
+    return bool(cached and cached[2])
+
+
+async def _lookup_driver(session: AsyncSession) -> tuple[asyncpg.Connection | None, bool]:
     conn = await session.connection()
     if conn.dialect.name != "postgresql":
-        return None
+        return None, False
     raw = await conn.get_raw_connection()
     adapter = raw.dbapi_connection
     # SQLAlchemy's adapter issues BEGIN lazily, at its own first statement (unless
@@ -117,9 +165,9 @@ async def _lookup_driver(session: AsyncSession) -> asyncpg.Connection | None:
             except Exception as exc:  # the adapter's own PEP 249 error classes
                 raise _translated("BEGIN", exc) from exc
     elif not hasattr(adapter, "_transaction"):
-        return None  # an adapter this module does not know: stay on Core
+        return None, False  # an adapter this module does not know: stay on Core
     driver: asyncpg.Connection = raw.driver_connection
-    return driver
+    return driver, getattr(adapter, "isolation_level", None) == "autocommit"
 
 
 def _is_json(type_: Any) -> bool:
@@ -128,7 +176,44 @@ def _is_json(type_: Any) -> bool:
     )
 
 
-_DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+_DRIVER_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+)
+
+
+def _refused_locally(was_open: bool, exc: BaseException) -> bool:
+    """The driver refused before sending a byte.
+
+    ``InterfaceError`` (closed, another operation in progress) and the protocol's
+    "cannot switch to state" are raised before anything is written.
+    """
+    if not was_open or isinstance(exc, asyncpg.InterfaceError):
+        return True
+    return isinstance(exc, asyncpg.InternalClientError) and str(exc).startswith(
+        "cannot switch to state"
+    )
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """The connection died (class 08, or the server ended the session: 57P)."""
+    if isinstance(exc, asyncpg.PostgresError):
+        return str(getattr(exc, "sqlstate", "") or "").startswith(("08", "57P"))
+    return True
+
+
+async def _reconnect(session: AsyncSession) -> bool:
+    """Give an autocommit session a fresh connection, if it holds nothing to lose."""
+    if session.identity_map or session.new or session.dirty or session.deleted:
+        return False
+    await session.invalidate()
+    return True
+
+
+class OutcomeUnknown(DBAPIError):
+    """A single-statement write lost its connection in flight: it may have committed."""
 
 
 def _translated(sql: str, exc: BaseException) -> DBAPIError:

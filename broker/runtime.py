@@ -31,11 +31,23 @@ class Runtime:
     catalog: Catalog
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
+    #: PostgreSQL: a second pool whose connections run each statement as its own
+    #: transaction, for reads and single-statement writes (see ``broker.db``). SQLite:
+    #: the transactional engine and sessionmaker above, since it has no round trips.
+    autocommit_engine: AsyncEngine
+    autocommit_sessionmaker: async_sessionmaker[AsyncSession]
     token_verifier: AccessTokenVerifier
     http: httpx.AsyncClient
     limiter: RateLimiter
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     sequencer: SequencerState = field(default_factory=SequencerState)
+
+    async def aclose(self) -> None:
+        """Close the records client and every database pool."""
+        await self.http.aclose()
+        await self.engine.dispose()
+        if self.autocommit_engine is not self.engine:
+            await self.autocommit_engine.dispose()
 
 
 def load_keys(settings: Settings) -> BrokerKeys:
@@ -49,6 +61,11 @@ def build_runtime(settings: Settings) -> Runtime:
     keys = load_keys(settings)
     catalog = load_catalog(settings.schema_dir, settings.policy_file)
     engine = make_engine(settings.database_url)
+    sessionmaker = make_sessionmaker(engine)
+    autocommit_engine, autocommit_sessionmaker = engine, sessionmaker
+    if engine.dialect.name == "postgresql":
+        autocommit_engine = make_engine(settings.database_url, autocommit=True)
+        autocommit_sessionmaker = make_sessionmaker(autocommit_engine)
     http = httpx.AsyncClient(
         follow_redirects=False,
         timeout=httpx.Timeout(
@@ -67,7 +84,9 @@ def build_runtime(settings: Settings) -> Runtime:
         keys=keys,
         catalog=catalog,
         engine=engine,
-        sessionmaker=make_sessionmaker(engine),
+        sessionmaker=sessionmaker,
+        autocommit_engine=autocommit_engine,
+        autocommit_sessionmaker=autocommit_sessionmaker,
         token_verifier=AccessTokenVerifier(keys.token_signing, settings.issuer),
         http=http,
         limiter=RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst),

@@ -1,13 +1,18 @@
-"""A loopback TCP proxy in front of PostgreSQL that can lose a COMMIT's acknowledgement.
+"""A loopback TCP proxy in front of PostgreSQL that can lose a commit's acknowledgement.
 
-Armed, it forwards the next simple-protocol ``COMMIT`` to the server, withholds every
-byte the server sends back, waits until the server has had time to commit, then closes
-both sides: the broker sees the connection die mid-commit while the database holds the
-committed transaction. Connect with ``?ssl=disable`` so the protocol stays readable.
+Armed, it forwards the next committing message to the server, withholds every byte
+the server sends back, waits until the server has had time to commit, then closes
+both sides: the broker sees the connection die mid-commit while the database holds
+the committed change. Connect with ``?ssl=disable`` so the protocol stays readable.
 Listens on 127.0.0.1 only; ``close()`` stops it and every relayed connection.
 
-PostgreSQL messages after the startup packet are a type byte and a 4-byte length;
-asyncpg sends ``COMMIT`` as a simple query (``Q``).
+The committing message is a simple-protocol query starting with ``cut_on``
+(asyncpg sends ``COMMIT`` as a simple query, ``Q``) or, for a statement that
+commits on its own in autocommit, the ``Sync`` closing the execution of a prepared
+statement whose SQL contains ``cut_on`` (asyncpg parses a statement once per
+connection, ``P``, then binds it by name, ``B``, for each execution).
+
+PostgreSQL messages after the startup packet are a type byte and a 4-byte length.
 """
 
 from __future__ import annotations
@@ -21,8 +26,11 @@ _GSS_REQUEST = 80877104
 
 
 class CommitCuttingProxy:
-    def __init__(self, upstream_port: int = 5432, settle: float = 0.3) -> None:
+    def __init__(
+        self, upstream_port: int = 5432, settle: float = 0.3, cut_on: bytes = b"COMMIT"
+    ) -> None:
         self.upstream_port = upstream_port
+        self.cut_on = cut_on
         self.settle = settle  # seconds the server gets to finish the COMMIT it was sent
         self.armed = False
         self.cuts = 0
@@ -86,12 +94,24 @@ class CommitCuttingProxy:
             code = struct.unpack("!I", body[:4])[0] if len(body) >= 4 else 0
             if code not in (_SSL_REQUEST, _GSS_REQUEST):
                 break
+        statements: dict[bytes, bytes] = {}  # prepared statement name -> SQL
+        bound = False  # a Bind of a matching statement awaits its Sync
         while True:
             kind = await reader.readexactly(1)
             head = await reader.readexactly(4)
             (length,) = struct.unpack("!I", head)
             body = await reader.readexactly(length - 4)
-            commit = kind == b"Q" and body.lstrip().upper().startswith(b"COMMIT")
+            if kind == b"P":
+                name, _, rest = body.partition(b"\0")
+                statements[name] = rest.partition(b"\0")[0]
+            elif kind == b"B":
+                name = body.split(b"\0", 2)[1]
+                bound = self.cut_on in statements.get(name, b"")
+            commit = (kind == b"Q" and body.lstrip().upper().startswith(self.cut_on)) or (
+                kind == b"S" and bound
+            )
+            if kind == b"S":
+                bound = False
             if commit and self.armed:
                 self.armed = False
                 cut.set()  # from now on nothing the server says reaches the client

@@ -339,9 +339,10 @@ async def _after_fault(world: World, what: str, faults: int, killed: int) -> Non
 async def test_connection_killed_while_records_endpoint_answers(
     world: World, database_url: str
 ) -> None:
-    """The request transaction is open (idle in transaction) while the holding agency's
-    endpoint is slow; its connection is killed then. 503, no payload, nothing recorded;
-    the next request is served from a fresh connection."""
+    """The request's connection is killed while the holding agency's endpoint is slow.
+    On PostgreSQL the disclosure route runs in autocommit, so no transaction was open:
+    nothing is lost, the driver refuses the dead connection before sending, and the
+    decision is written on a fresh one. The disclosure succeeds and is recorded once."""
     async with async_running_records_server() as records:
         s = await story_one(world, records_endpoint=records.url)
         records.records["HH-2024-0042", "shelter"] = dict(SHELTER_RECORD)
@@ -360,12 +361,13 @@ async def test_connection_killed_while_records_endpoint_answers(
         resp = await asyncio.wait_for(inflight, HTTP_TIMEOUT)
 
         assert killed >= 1, "the request's own connection was among those killed"
-        assert resp.status_code == 503, resp.text
-        _no_payload(resp)
+        assert resp.status_code == 200, resp.text
         async with world.rt.sessionmaker() as session:
-            assert await session.scalar(select(func.count()).select_from(Disclosure)) == 0
+            assert await session.scalar(select(func.count()).select_from(Disclosure)) == 1
             head = await session.get(ConsentGrant, grant["id"])
-            assert head is not None and head.uses == 0, "the use rolled back with the request"
+            assert head is not None and head.uses == 1, "the use is counted once"
+            pending = await session.scalars(select(LedgerPending.entry_id))
+            assert resp.json()["ledger_entry"] in pending.all()
 
         records.behaviour = "normal"
         again = await s.officer.post("/v1/disclosures", json=_ask())
@@ -385,8 +387,10 @@ async def test_connection_killed_while_records_endpoint_answers(
 async def test_connection_killed_while_ledger_entry_is_written(
     world: World, database_url: str
 ) -> None:
-    """The payload is sealed and the commit is writing its ledger entry when the
-    connection dies: the entry never committed, so the payload never leaves."""
+    """The payload is sealed and the decision's one statement is writing its ledger
+    entry when the connection dies: the entry never committed, so the payload never
+    leaves. The broker cannot tell that from a lost acknowledgement, so it says the
+    outcome is unknown (503 commit-unconfirmed) rather than "nothing was changed"."""
     s, grant = await _setup(world)
     assert (await s.officer.post("/v1/disclosures", json=_ask())).status_code == 200
     db = _dbname(database_url)
@@ -398,6 +402,7 @@ async def test_connection_killed_while_ledger_entry_is_written(
         killed = await _terminate_backends(db)
         resp = await asyncio.wait_for(inflight, HTTP_TIMEOUT)
     assert resp.status_code == 503, resp.text
+    assert resp.json()["type"].endswith(":commit-unconfirmed")
     _no_payload(resp)
     async with world.rt.sessionmaker() as session:
         assert await session.scalar(select(func.count()).select_from(Disclosure)) == 1
@@ -464,14 +469,15 @@ async def test_connection_killed_during_consent_change(
 
 @pytest.mark.postgres_only
 async def test_commit_acknowledgement_lost(world: World, database_url: str) -> None:
-    """COMMIT reaches the server but its answer never comes back (a proxy on 127.0.0.1
-    cuts the connection). The broker cannot know the outcome: it answers 503
+    """The decision's write reaches the server but its answer never comes back (a proxy
+    on 127.0.0.1 cuts the connection). On PostgreSQL that write is one statement in
+    autocommit, so it is the commit. The broker cannot know the outcome: it answers 503
     commit-unconfirmed, never "nothing was changed" and never a payload. The commit did
     happen, so the disclosure is recorded and counted: the ledger over-reports a
     disclosure the recipient never received, and never under-reports. The pool then
     recovers on its own."""
     s, grant = await _setup(world)
-    proxy = await CommitCuttingProxy().start()
+    proxy = await CommitCuttingProxy(cut_on=b"INSERT INTO disclosures").start()
     try:
         via_proxy = database_url.replace(":5432/", f":{proxy.port}/", 1) + "?ssl=disable"
         app = create_app(world.rt.settings.model_copy(update={"database_url": via_proxy}))
@@ -503,6 +509,44 @@ async def test_commit_acknowledgement_lost(world: World, database_url: str) -> N
     assert head is not None and head.uses == 3
     assert kinds.count("disclosure.permitted") == 3
     await _after_fault(world, "commit acknowledgement lost", 1, 1)
+
+
+@pytest.mark.postgres_only
+async def test_commit_acknowledgement_lost_in_a_transaction(
+    world: World, database_url: str
+) -> None:
+    """The same loss for a change that is a transaction (a revocation: new version,
+    ledger entry, queued notices): COMMIT is sent, its answer withheld. 503
+    commit-unconfirmed, and the revocation did happen, whole."""
+    s, grant = await _setup(world)
+    before = await _stored(world.rt.engine)
+    proxy = await CommitCuttingProxy(cut_on=b"COMMIT").start()
+    try:
+        via_proxy = database_url.replace(":5432/", f":{proxy.port}/", 1) + "?ssl=disable"
+        app = create_app(world.rt.settings.model_copy(update={"database_url": via_proxy}))
+        headers = {"Authorization": f"Bearer {await s.advocate.token()}"}
+        body = {"attestation": attestation("verbal"), "reason": "Survivor phoned the hotline."}
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE_URL) as http,
+        ):
+            proxy.armed = True
+            cut = await asyncio.wait_for(
+                http.post(f"/v1/consents/{grant['id']}/revoke", json=body, headers=headers),
+                HTTP_TIMEOUT,
+            )
+            assert proxy.cuts == 1
+            assert cut.status_code == 503, cut.text
+            assert cut.json()["type"].endswith(":commit-unconfirmed")
+            again = await http.get(f"/v1/consents/{grant['id']}", headers=headers)
+            assert again.status_code == 200, again.text
+            assert again.json()["status"] == "revoked", "the unacknowledged commit was stored"
+    finally:
+        await proxy.close()
+    after = await _stored(world.rt.engine)
+    assert after.heads[grant["id"]] == before.heads[grant["id"]] + 1
+    assert after.problems() == []
+    await _after_fault(world, "commit acknowledgement lost (transaction)", 1, 1)
 
 
 # =========================================================================== real processes

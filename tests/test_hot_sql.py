@@ -8,16 +8,23 @@ the session's transaction, and errors re-raised as SQLAlchemy's.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime
 
+import asyncpg
 import pytest
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import Text, bindparam, cast, func, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, StatementError
+from starlette.requests import Request
 
-from broker.hot_sql import HotStatement
+from broker.consent.endpoints import revoke_consent
+from broker.db import _wants_autocommit
+from broker.disclosure.endpoints import disclose
+from broker.hot_sql import HotStatement, OutcomeUnknown, session_driver
 from broker.models import Disclosure
 from broker.runtime import Runtime
+from tests.conftest import PG_ADMIN_DSN
 
 _ROW = HotStatement(
     select(Disclosure.fields_disclosed, Disclosure.created_at, Disclosure.grant_version).where(
@@ -129,3 +136,165 @@ async def test_one_session_two_transactions(world: object) -> None:
         async with session.begin():
             assert len(await _ROW.rows(session, {"id": kept["id"]})) == 1
             assert await _ROW.rows(session, {"id": dropped["id"]}) == []
+
+
+# --------------------------------------------------------------------------- autocommit
+
+_INSERT_WRITE = HotStatement(insert(Disclosure), writes=True)
+# A write that holds its statement open long enough to kill its backend mid-flight.
+_SLOW_BUMP = HotStatement(
+    update(Disclosure)
+    .where(Disclosure.id == bindparam("key"), cast(func.pg_sleep(30), Text).is_not(None))
+    .values(grant_version=Disclosure.grant_version + 1),
+    writes=True,
+)
+
+
+@pytest.mark.postgres_only
+async def test_autocommit_write_stands_without_commit(world: object) -> None:
+    """The autocommit pool runs each statement as its own transaction: no rollback
+    takes a write back (which is why only single-statement routes may use it)."""
+    rt = _rt(world)
+    row = _disclosure()
+    async with rt.autocommit_sessionmaker() as session:
+        tx = await session.begin()
+        assert await _INSERT_WRITE.affected(session, row) == 1
+        await tx.rollback()
+    async with rt.sessionmaker() as session, session.begin():
+        assert len(await _ROW.rows(session, {"id": row["id"]})) == 1
+
+
+@pytest.mark.postgres_only
+async def test_autocommit_write_refused_by_the_server_is_definite(world: object) -> None:
+    """A constraint violation is the server's answer: nothing was written, and the
+    error says so (IntegrityError, a 409), not 'outcome unknown'."""
+    rt = _rt(world)
+    row = _disclosure()
+    async with rt.autocommit_sessionmaker() as session, session.begin():
+        assert await _INSERT_WRITE.affected(session, row) == 1
+        with pytest.raises(IntegrityError) as caught:
+            await _INSERT_WRITE.affected(session, row)
+        assert not isinstance(caught.value, OutcomeUnknown)
+
+
+async def _kill_when_sleeping(dbname: str) -> int:
+    admin = await asyncpg.connect(PG_ADMIN_DSN)
+    try:
+        for _ in range(200):
+            killed = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = $1 AND query LIKE '%pg_sleep%' AND pid <> pg_backend_pid()",
+                dbname,
+            )
+            if killed:
+                return int(killed)
+            await asyncio.sleep(0.02)
+        return 0
+    finally:
+        await admin.close()
+
+
+@pytest.mark.postgres_only
+@pytest.mark.parametrize("autocommit", [True, False], ids=["autocommit", "transaction"])
+async def test_write_lost_in_flight(world: object, autocommit: bool) -> None:
+    """The connection dies while a write runs. In autocommit the write may have
+    committed: OutcomeUnknown (answered 503 commit-unconfirmed). In a transaction the
+    server rolls it back for certain: a plain DBAPIError (503 'nothing was changed')."""
+    rt = _rt(world)
+    row = _disclosure()
+    async with rt.sessionmaker() as session, session.begin():
+        await _INSERT.affected(session, row)
+    maker = rt.autocommit_sessionmaker if autocommit else rt.sessionmaker
+    dbname = rt.engine.url.database
+    assert dbname is not None
+    async with maker() as session:
+        with pytest.raises(DBAPIError) as caught:
+            async with session.begin():
+                killer = asyncio.create_task(_kill_when_sleeping(dbname))
+                try:
+                    await _SLOW_BUMP.affected(session, {"key": row["id"]})
+                finally:
+                    assert await killer == 1
+    assert isinstance(caught.value, OutcomeUnknown) is autocommit
+
+
+@pytest.mark.postgres_only
+async def test_dead_autocommit_connection_is_not_handed_out(world: object) -> None:
+    """Autocommit checkouts get no BEGIN: a pooled connection whose backend was just
+    terminated is replaced, either at checkout (the driver saw the socket close) or when
+    the driver refuses the first statement before sending it."""
+    rt = _rt(world)
+    async with rt.autocommit_sessionmaker() as session:
+        assert await _ROW.rows(session, {"id": "none"}) == []
+    dbname = rt.engine.url.database
+    admin = await asyncpg.connect(PG_ADMIN_DSN)
+    try:
+        killed = await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = $1 AND pid <> pg_backend_pid()",
+            dbname,
+        )
+    finally:
+        await admin.close()
+    assert killed >= 1
+    async with rt.autocommit_sessionmaker() as session:
+        assert await _ROW.rows(session, {"id": "none"}) == []
+
+
+@pytest.mark.postgres_only
+@pytest.mark.parametrize("statement", ["read", "write"])
+async def test_statement_refused_locally_runs_again_on_a_fresh_connection(
+    world: object, statement: str
+) -> None:
+    """The driver finds its connection closed before sending: in autocommit nothing is
+    lost, so the statement runs on a new connection, once (a write is not doubled)."""
+    rt = _rt(world)
+    row = _disclosure()
+    async with rt.autocommit_sessionmaker() as session:
+        first = await session_driver(session)
+        assert first is not None
+        assert await _ROW.rows(session, {"id": row["id"]}) == []
+        first.terminate()
+        if statement == "read":
+            assert await _ROW.rows(session, {"id": row["id"]}) == []
+        else:
+            assert await _INSERT_WRITE.affected(session, row) == 1
+        again = await session_driver(session)
+        assert again is not None and again is not first and not again.is_closed()
+    async with rt.sessionmaker() as session, session.begin():
+        found = await _ROW.rows(session, {"id": row["id"]})
+    assert len(found) == (1 if statement == "write" else 0)
+
+
+@pytest.mark.postgres_only
+async def test_statement_refused_in_a_transaction_is_not_run_again(world: object) -> None:
+    """Inside a transaction a lost connection loses the transaction's earlier work: the
+    statement must fail (503 "nothing was changed"), never continue on a new one."""
+    rt = _rt(world)
+    row = _disclosure()
+    async with rt.sessionmaker() as session:
+        with pytest.raises(DBAPIError) as caught:
+            async with session.begin():
+                assert await _INSERT.affected(session, row) == 1
+                driver = await session_driver(session)
+                assert driver is not None
+                driver.terminate()
+                await _ROW.rows(session, {"id": row["id"]})
+    assert not isinstance(caught.value, OutcomeUnknown)
+    async with rt.sessionmaker() as session, session.begin():
+        assert await _ROW.rows(session, {"id": row["id"]}) == []
+
+
+def test_reads_and_marked_routes_choose_the_autocommit_pool() -> None:
+    """GET/HEAD and ``@single_statement_writes`` routes; every other write keeps its
+    transaction."""
+
+    def wants(method: str, endpoint: object) -> bool:
+        scope = {"type": "http", "method": method, "headers": [], "endpoint": endpoint}
+        return _wants_autocommit(Request(scope))
+
+    assert getattr(disclose, "__broker_single_statement_writes__", False)
+    assert wants("GET", revoke_consent) and wants("HEAD", None)
+    assert wants("POST", disclose)
+    assert not wants("POST", revoke_consent)
+    assert not wants("POST", None)

@@ -13,7 +13,7 @@ from starlette.responses import Response
 
 from broker.auth.dependencies import AdvocateCaller, AgencyCaller, AuditorCaller, require
 from broker.auth.roles import Principal, Role
-from broker.db import SessionDep
+from broker.db import SessionDep, single_statement_writes
 from broker.disclosure import accounting, audit, records
 from broker.disclosure.schemas import (
     Accounting,
@@ -52,6 +52,7 @@ Depositor = Annotated[Principal, Depends(require(Role.agency, scope="records:dep
     },
     response_model=DisclosureOut,
 )
+@single_statement_writes  # on PostgreSQL the decision is written by one statement
 async def disclose(
     body: DisclosureCreate, caller: AgencyCaller, session: SessionDep, rt: RuntimeDep
 ) -> Response:

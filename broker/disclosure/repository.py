@@ -207,7 +207,7 @@ _TAKE_USE_STMT = (
     )
     .values(uses=ConsentGrant.uses + 1)
 )
-_TAKE_USE = HotStatement(_TAKE_USE_STMT)
+_TAKE_USE = HotStatement(_TAKE_USE_STMT, writes=True)
 _INSERT_PENDING = insert(LedgerPending)
 _INSERT_DISCLOSURE = insert(Disclosure)
 
@@ -233,7 +233,7 @@ def _decision_statement() -> Executable:
     return copy(Disclosure, "d_").add_cte(used, go, pending)
 
 
-_DECISION_PG = HotStatement(_decision_statement())
+_DECISION_PG = HotStatement(_decision_statement(), writes=True)
 
 
 async def store_decision(
