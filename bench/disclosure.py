@@ -98,7 +98,9 @@ def baseline_rows(base: LoadFigures, workers: int) -> list[Row]:
         ),
         Row(
             f"{name}: unloaded ({base.unloaded.ok} sequential)",
-            f"p50 {ms(base.unloaded.p50_ms)}, p99 {ms(base.unloaded.p99_ms)}",
+            f"p50 {ms(base.unloaded.p50_ms)}, p99 {ms(base.unloaded.p99_ms)}; "
+            f"server CPU {base.peak_cpu_ms:.2f} ms/request at peak, "
+            f"{base.unloaded_cpu_ms:.2f} unloaded",
         ),
     ]
 
@@ -343,7 +345,9 @@ def _rows(label: str, f: LoadFigures, base: LoadFigures, targeted: bool, workers
         ),
         Row(
             f"{name}: unloaded ({f.unloaded.ok} sequential)",
-            f"p50 {ms(f.unloaded.p50_ms)}, p99 {ms(f.unloaded.p99_ms)}",
+            f"p50 {ms(f.unloaded.p50_ms)}, p99 {ms(f.unloaded.p99_ms)}; "
+            f"server CPU {f.peak_cpu_ms:.2f} ms/request at peak, "
+            f"{f.unloaded_cpu_ms:.2f} unloaded",
             "p50 ≤ 1.5 ms" if targeted else "",
             verdict_at_most(f.unloaded.p50_ms, 1.5, " ms") if targeted else "",
         ),

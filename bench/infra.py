@@ -179,6 +179,15 @@ def uvicorn_argv(app: str, port: int, workers: int) -> list[str]:
     ]
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU the processes have used so far, from /proc/PID/stat."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int) -> tuple[float, float]:
     """(VmHWM, VmRSS) of a process in MB (10**6 bytes, as the target), from /proc/PID/status."""
     values = {"VmHWM": 0.0, "VmRSS": 0.0}

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.infra import REPO, Server
+from bench.infra import REPO, Server, cpu_seconds
 from bench.loadgen import Plan, Result
 
 
@@ -39,6 +39,10 @@ class LoadFigures:
     half: Result
     half_rate: float
     unloaded: Result
+    #: Server CPU per request sent in the peak and unloaded phases (ms): steadier than
+    #: throughput on a shared machine, since time the server was not scheduled is not in it.
+    peak_cpu_ms: float = 0.0
+    unloaded_cpu_ms: float = 0.0
 
 
 def loadgen(plan: Plan) -> Result:
@@ -97,20 +101,25 @@ def measure(
         base.update(kw)
         return Plan(**base)  # type: ignore[arg-type]
 
+    pids = server.worker_pids()
     progress(f"{label}: peak, closed loop x{params.concurrency}, {params.duration:.0f} s")
+    cpu = cpu_seconds(pids)
     peak = _checked(loadgen(plan(mode="closed")), f"{label} peak", server)
+    peak_cpu_ms = (cpu_seconds(pids) - cpu) * 1000 / max(peak.sent, 1)
     rate = peak.throughput / 2.0
     progress(f"{label}: {peak.throughput:,.0f} req/s; half of peak, open loop at {rate:,.0f}/s")
     cap = min(params.max_requests, int(rate * params.duration) + 1)
     half = _checked(loadgen(plan(mode="open", rate=rate, max_requests=cap)), label, server)
     progress(f"{label}: unloaded, {params.unloaded_requests} sequential requests")
     time.sleep(0.5)  # let the sequencer and the pool settle after the open-loop tail
+    cpu = cpu_seconds(pids)
     unloaded = _checked(
         loadgen(plan(mode="sequential", max_requests=params.unloaded_requests, duration=300.0)),
         f"{label} unloaded",
         server,
     )
-    return LoadFigures(peak, half, rate, unloaded)
+    unloaded_cpu_ms = (cpu_seconds(pids) - cpu) * 1000 / max(unloaded.sent, 1)
+    return LoadFigures(peak, half, rate, unloaded, peak_cpu_ms, unloaded_cpu_ms)
 
 
 def profile(

@@ -12,6 +12,7 @@ atomic by itself, so BEGIN and COMMIT would only add two round trips.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, TypeVar
@@ -112,7 +113,13 @@ def _wants_autocommit(request: Request) -> bool:
     return bool(getattr(request.scope.get("endpoint"), _SINGLE_STATEMENT, False))
 
 
-async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+@contextlib.asynccontextmanager
+async def request_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """The request's session: committed when the block ends, rolled back on any error.
+
+    Database errors leave it as problem responses: 409 for a conflict, 503 for the
+    rest, and 503 commit-unconfirmed when a commit's outcome cannot be known.
+    """
     rt = request.app.state.runtime
     maker: async_sessionmaker[AsyncSession] = (
         rt.autocommit_sessionmaker if _wants_autocommit(request) else rt.sessionmaker
@@ -148,6 +155,11 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
         raise ServiceUnavailable(
             "The database could not record the request; nothing was changed."
         ) from None
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    async with request_session(request) as session:
+        yield session
 
 
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]

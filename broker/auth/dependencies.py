@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy import bindparam, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from broker.auth.roles import Principal, Role
 from broker.db import SessionDep
@@ -22,7 +23,8 @@ _STATUS = HotStatement(
 )
 
 
-async def current_principal(request: Request, session: SessionDep) -> Principal:
+async def authenticate(request: Request, session: AsyncSession) -> Principal:
+    """The caller of a bearer access token whose client and agency are still active."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token or len(token) > 4096:
@@ -40,15 +42,23 @@ async def current_principal(request: Request, session: SessionDep) -> Principal:
     return principal
 
 
+def authorize(principal: Principal, roles: tuple[Role, ...], scope: str) -> Principal:
+    if principal.role not in roles or scope not in principal.scopes:
+        raise Forbidden(f"This route needs the {'/'.join(r.value for r in roles)} role.")
+    return principal
+
+
+async def current_principal(request: Request, session: SessionDep) -> Principal:
+    return await authenticate(request, session)
+
+
 def require(*roles: Role, scope: str) -> Callable[..., Awaitable[Principal]]:
     """A dependency admitting only the given roles holding ``scope``."""
 
     async def dependency(
         principal: Annotated[Principal, Depends(current_principal)],
     ) -> Principal:
-        if principal.role not in roles or scope not in principal.scopes:
-            raise Forbidden(f"This route needs the {'/'.join(r.value for r in roles)} role.")
-        return principal
+        return authorize(principal, roles, scope)
 
     return dependency
 

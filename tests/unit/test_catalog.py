@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.catalog import (
@@ -689,8 +689,8 @@ def test_values_never_in_message_bad_date(shelter: CategorySchema, value: str) -
         "record rejected: invalid fields: intake_date (format); "
         "confidential_contact_number (maxLength)"
     )
-    assume(len(value) >= 4)
-    assert value not in message
+    # (No "value not in message" check: a short value can be part of a field name, as
+    # "numb" is of confidential_contact_number; the exact message above already says it.)
 
 
 @settings(max_examples=60, deadline=None)
