@@ -42,6 +42,7 @@ import cedarpy
 from bench import infra
 from bench.report import Row, us, verdict_at_most
 from bench.world import runtime
+from broker.auth.roles import Principal, Role
 from broker.catalog import load_catalog
 from broker.catalog.policy import Policy
 from broker.crypto.keystore import BrokerKeys
@@ -324,6 +325,11 @@ VALUES ($1, 'Harbor House', 'shelter', 'active', '{"keys": []}', NULL, NULL, now
        ($2, 'Eastside PD DV Unit', 'law_enforcement', 'active', '{"keys": []}', NULL, NULL,
         now(), now())
 """
+# The officer whose standing the resolve statement reads alongside the survivor.
+_CLIENT = """
+INSERT INTO clients (id, agency_id, role, name, jwks, status, created_at)
+VALUES ($1, $2, 'agency', 'Officer', '{"keys": []}', 'active', now())
+"""
 
 
 @dataclass
@@ -340,6 +346,7 @@ async def _grow(dsn: str, first: int, last: int) -> None:
     try:
         if first == 1:
             await conn.execute(_AGENCIES, HARBOR, POLICE)
+            await conn.execute(_CLIENT, OFFICER, POLICE)
         # Bulk load without firing the foreign-key triggers row by row (every reference
         # is generated consistent); the indexes are maintained as the broker's are.
         await conn.execute("SET session_replication_role = replica")
@@ -357,12 +364,16 @@ async def _measure(settings: Settings, size: int, lookups: int) -> tuple[float, 
     asked = frozenset({"intake_date", "bed_status", "shelter_location"})
     rng = random.Random(size)
     samples: list[float] = []
+    now = datetime.now(UTC)
+    caller = Principal(
+        client_id=OFFICER, agency_id=POLICE, role=Role.agency, scopes=frozenset(), expires_at=now
+    )
     async with runtime(settings) as rt, rt.sessionmaker() as session:
         for n in range(lookups + 200):
             ref = f"PD-{rng.randint(1, size)}"
             req = DisclosureRequest(POLICE, OFFICER, "shelter", "safety_planning", asked)
             t = time.perf_counter()
-            resolved = await repository.resolve(session, POLICE, ref)
+            resolved = await repository.resolve(session, caller, ref)
             permit = decide(req, resolved.grants, policy, datetime.now(UTC))
             elapsed = time.perf_counter() - t
             session.expunge_all()

@@ -396,3 +396,36 @@ async def test_erasure_shreds_held_records(world: World) -> None:
         )
         head = await session.get(ConsentGrant, grant["id"])
         assert head is not None and head.subject_id is None
+
+
+@pytest.mark.parametrize("change", ["agency suspended", "client withdrawn"])
+async def test_caller_standing_is_checked_before_anything_is_recorded(
+    world: World, change: str
+) -> None:
+    """The disclosure route reads the caller's standing in the statement that resolves
+    the survivor: a still-valid token of a suspended agency or withdrawn client is
+    refused (401), and neither a decision nor a ledger entry is written."""
+    s, grant = await _setup(world)
+    first = await s.officer.post("/v1/disclosures", json=_ask())
+    assert first.status_code == 200, first.text
+    assert world.admin is not None
+    if change == "agency suspended":
+        r = await world.admin.patch(f"/v1/agencies/{s.police.id}", json={"status": "suspended"})
+    else:
+        r = await world.admin.delete(f"/v1/clients/{s.officer.client_id}")
+    assert r.status_code == 200, r.text
+    async with world.rt.sessionmaker() as session:
+        pending_before = await session.scalar(select(func.count()).select_from(LedgerPending))
+    refused = await s.officer.post("/v1/disclosures", json=_ask())  # the same token
+    assert refused.status_code == 401, refused.text
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert ("suspended" if change == "agency suspended" else "withdrawn") in refused.text
+    assert "payload" not in refused.json()
+    async with world.rt.sessionmaker() as session:
+        assert await session.scalar(select(func.count()).select_from(Disclosure)) == 1
+        assert (
+            await session.scalar(select(func.count()).select_from(LedgerPending))
+            == pending_before
+        )
+        head = await session.get(ConsentGrant, grant["id"])
+        assert head is not None and head.uses == 1

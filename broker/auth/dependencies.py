@@ -6,25 +6,19 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from broker.auth.roles import Principal, Role
+from broker.auth.standing import STANDING, require_standing
 from broker.db import SessionDep
 from broker.errors import Forbidden, Unauthenticated
 from broker.hot_sql import HotStatement
-from broker.models import Agency, Client
 
-# Checked on every request, so a withdrawal or suspension takes effect at once.
-_STATUS = HotStatement(
-    select(Client.status, Agency.status)
-    .join(Agency, Agency.id == Client.agency_id)
-    .where(Client.id == bindparam("client_id"), Agency.id == bindparam("agency_id"))
-)
+_STANDING = HotStatement(STANDING)
 
 
-async def authenticate(request: Request, session: AsyncSession) -> Principal:
-    """The caller of a bearer access token whose client and agency are still active."""
+def bearer_principal(request: Request) -> Principal:
+    """The caller named by a valid bearer access token; standing not yet checked."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token or len(token) > 4096:
@@ -32,13 +26,15 @@ async def authenticate(request: Request, session: AsyncSession) -> Principal:
     rt = request.app.state.runtime
     principal: Principal = rt.token_verifier.verify(token.strip())
     rt.limiter.hit(principal.client_id)
+    return principal
+
+
+async def authenticate(request: Request, session: AsyncSession) -> Principal:
+    """The caller of a bearer access token whose client and agency are still active."""
+    principal = bearer_principal(request)
     params = {"client_id": principal.client_id, "agency_id": principal.agency_id}
-    rows = await _STATUS.rows(session, params)
-    row = rows[0] if rows else None
-    if row is None or row[0] != "active":
-        raise Unauthenticated("This client has been withdrawn.")
-    if row[1] != "active":
-        raise Unauthenticated("This client's agency is suspended.")
+    rows = await _STANDING.rows(session, params)
+    require_standing(rows[0] if rows else None)
     return principal
 
 

@@ -21,11 +21,14 @@ from sqlalchemy import (
     not_,
     or_,
     select,
+    true,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnClause
 
+from broker.auth.roles import Principal
+from broker.auth.standing import STANDING, require_standing
 from broker.disclosure.decision import GrantView
 from broker.hot_sql import HotStatement, session_driver
 from broker.models import (
@@ -50,7 +53,7 @@ class Resolved:
 # ``HotStatement``s: no per-request expression building or ORM hydration, and on
 # PostgreSQL straight through the driver.
 _V = ConsentVersion
-_RESOLVE = HotStatement(
+_REFERENCE = (
     select(
         SubjectReference.subject_id,
         ConsentGrant.uses,
@@ -83,19 +86,32 @@ _RESOLVE = HotStatement(
         SubjectReference.agency_id == bindparam("agency_id"),
         SubjectReference.reference == bindparam("subject_ref"),
     )
+    .subquery("ref")
+)
+# The caller's standing (one row, or none), each of the reference's rows beside it.
+_RESOLVE = HotStatement(
+    STANDING.add_columns(*_REFERENCE.c).outerjoin(_REFERENCE, true()),
 )
 
 
-async def resolve(session: AsyncSession, agency_id: str, subject_ref: str) -> Resolved:
+async def resolve(session: AsyncSession, caller: Principal, subject_ref: str) -> Resolved:
     """Subject by the requester's own reference, with every grant's latest version to it.
 
-    One statement: an unknown reference and a known one without grants cost the same.
+    One statement, which also reads the caller's standing and refuses a withdrawn
+    client or suspended agency (``Unauthenticated``) before anything else is used.
+    An unknown reference and a known one without grants cost the same.
     """
-    rows = await _RESOLVE.rows(session, {"agency_id": agency_id, "subject_ref": subject_ref})
-    if not rows:
+    params = {
+        "client_id": caller.client_id,
+        "agency_id": caller.agency_id,
+        "subject_ref": subject_ref,
+    }
+    rows = await _RESOLVE.rows(session, params)
+    require_standing(rows[0] if rows else None)
+    if rows[0][2] is None:
         return Resolved(None, [])
-    grants = [_view(row) for row in rows if row[2] is not None]
-    return Resolved(rows[0][0], grants)
+    grants = [_view(row[2:]) for row in rows if row[4] is not None]
+    return Resolved(rows[0][2], grants)
 
 
 def _view(row: Any) -> GrantView:

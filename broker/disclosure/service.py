@@ -67,11 +67,16 @@ def _requested_fields(rt: Runtime, data: DisclosureCreate) -> frozenset[str] | N
 async def request_disclosure(
     session: AsyncSession, rt: Runtime, caller: Principal, data: DisclosureCreate
 ) -> Outcome:
+    """Decide, fetch, seal and record one request of an authorised ``caller``.
+
+    The caller's standing (client and agency still active) is checked by the first
+    statement, the one that resolves the survivor; nothing is recorded before it.
+    """
     fields = _requested_fields(rt, data)
     req = DisclosureRequest(caller.agency_id, caller.client_id, data.category, data.purpose, fields)
     disclosure_id = str(uuid.uuid4())
     now = datetime.now(UTC)
-    resolved = await repository.resolve(session, caller.agency_id, data.subject_ref)
+    resolved = await repository.resolve(session, caller, data.subject_ref)  # checks standing
     ctx = _Context(session, rt, caller, data, req, disclosure_id, now, resolved.subject_id)
     try:
         permit = decide(req, resolved.grants, rt.catalog.policy, now)
@@ -265,9 +270,7 @@ class _Context:
         if entry is None:
             # Lost a race: the grant changed (revoked, paused, revised) or the last use
             # went. Nothing was written; the sealed payload is dropped unsent.
-            resolved = await repository.resolve(
-                self.session, self.caller.agency_id, self.data.subject_ref
-            )
+            resolved = await repository.resolve(self.session, self.caller, self.data.subject_ref)
             try:
                 permit = decide(self.req, resolved.grants, self.rt.catalog.policy, self.now)
             except Denied as denial:
