@@ -29,13 +29,17 @@ def bearer_principal(request: Request) -> Principal:
     return principal
 
 
-async def authenticate(request: Request, session: AsyncSession) -> Principal:
-    """The caller of a bearer access token whose client and agency are still active."""
-    principal = bearer_principal(request)
+async def check_standing(session: AsyncSession, principal: Principal) -> Principal:
+    """Refuse a principal whose client was withdrawn or whose agency is suspended."""
     params = {"client_id": principal.client_id, "agency_id": principal.agency_id}
     rows = await _STANDING.rows(session, params)
     require_standing(rows[0] if rows else None)
     return principal
+
+
+async def authenticate(request: Request, session: AsyncSession) -> Principal:
+    """The caller of a bearer access token whose client and agency are still active."""
+    return await check_standing(session, bearer_principal(request))
 
 
 def authorize(principal: Principal, roles: tuple[Role, ...], scope: str) -> Principal:
