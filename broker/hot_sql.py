@@ -117,7 +117,7 @@ class HotStatement:
         server ends the session (class 57P: shutdown, termination) instead of
         answering, the write may have committed.
         """
-        if self.writes and autocommit and was_open and not _refused_locally(was_open, exc):
+        if self.writes and autocommit and not _never_sent(was_open, exc):
             definite = isinstance(exc, asyncpg.PostgresError) and not _connection_lost(exc)
             if not definite:
                 return OutcomeUnknown(self.sql, None, exc)
@@ -184,17 +184,27 @@ _DRIVER_ERRORS = (
 )
 
 
-def _refused_locally(was_open: bool, exc: BaseException) -> bool:
-    """The driver refused before sending a byte.
+def _never_sent(was_open: bool, exc: BaseException) -> bool:
+    """The driver raised before writing a byte of the statement.
 
-    ``InterfaceError`` (closed, another operation in progress) and the protocol's
-    "cannot switch to state" are raised before anything is written.
+    ``InterfaceError`` and its subclasses (closed, another operation in progress, a
+    value it cannot encode) and the protocol's "cannot switch to state" are raised
+    before anything is written.
     """
     if not was_open or isinstance(exc, asyncpg.InterfaceError):
         return True
     return isinstance(exc, asyncpg.InternalClientError) and str(exc).startswith(
         "cannot switch to state"
     )
+
+
+def _refused_locally(was_open: bool, exc: BaseException) -> bool:
+    """Never sent, because of the connection's state: a fresh connection may succeed.
+
+    A value the driver cannot encode (its ``ValueError`` subclasses) would fail on
+    any connection.
+    """
+    return _never_sent(was_open, exc) and not isinstance(exc, ValueError)
 
 
 def _connection_lost(exc: BaseException) -> bool:

@@ -298,3 +298,18 @@ def test_reads_and_marked_routes_choose_the_autocommit_pool() -> None:
     assert wants("POST", disclose)
     assert not wants("POST", revoke_consent)
     assert not wants("POST", None)
+
+
+@pytest.mark.postgres_only
+async def test_autocommit_write_of_a_bad_value_is_definite_and_keeps_the_connection(
+    world: object,
+) -> None:
+    """A value the driver cannot encode is never sent: a plain DBAPIError (503 "nothing
+    was changed"), not an unknown outcome, and no reconnect (it would fail anywhere)."""
+    rt = _rt(world)
+    async with rt.autocommit_sessionmaker() as session:
+        driver = await session_driver(session)
+        with pytest.raises(DBAPIError) as caught:
+            await _INSERT_WRITE.affected(session, _disclosure(grant_version="not a number"))
+        assert not isinstance(caught.value, OutcomeUnknown)
+        assert await session_driver(session) is driver
