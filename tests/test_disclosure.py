@@ -424,8 +424,7 @@ async def test_caller_standing_is_checked_before_anything_is_recorded(
     async with world.rt.sessionmaker() as session:
         assert await session.scalar(select(func.count()).select_from(Disclosure)) == 1
         assert (
-            await session.scalar(select(func.count()).select_from(LedgerPending))
-            == pending_before
+            await session.scalar(select(func.count()).select_from(LedgerPending)) == pending_before
         )
         head = await session.get(ConsentGrant, grant["id"])
         assert head is not None and head.uses == 1
