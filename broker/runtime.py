@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import httpx
 from fastapi import Depends, Request
@@ -60,11 +60,14 @@ def build_runtime(settings: Settings) -> Runtime:
     """Load keys and catalog first: a bad file stops the start before anything serves."""
     keys = load_keys(settings)
     catalog = load_catalog(settings.schema_dir, settings.policy_file)
-    engine = make_engine(settings.database_url)
+    pools: dict[str, Any] = {}
+    if not settings.is_sqlite:
+        pools = {"pool_size": settings.db_pool_size, "max_overflow": settings.db_max_overflow}
+    engine = make_engine(settings.database_url, **pools)
     sessionmaker = make_sessionmaker(engine)
     autocommit_engine, autocommit_sessionmaker = engine, sessionmaker
     if engine.dialect.name == "postgresql":
-        autocommit_engine = make_engine(settings.database_url, autocommit=True)
+        autocommit_engine = make_engine(settings.database_url, autocommit=True, **pools)
         autocommit_sessionmaker = make_sessionmaker(autocommit_engine)
     http = httpx.AsyncClient(
         follow_redirects=False,

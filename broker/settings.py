@@ -27,6 +27,20 @@ class Settings(BaseSettings):
         "without them.",
     )
     database_url: str = "sqlite+aiosqlite:///./var/broker.db"
+    db_pool_size: int = Field(
+        default=10,
+        ge=1,
+        le=200,
+        description="PostgreSQL: connections each of a process's two pools keeps open "
+        "(transactions; reads and single-statement writes in autocommit).",
+    )
+    db_max_overflow: int = Field(
+        default=10,
+        ge=0,
+        le=200,
+        description="PostgreSQL: extra connections each pool may open under load. A process "
+        "may hold 2 x (db_pool_size + db_max_overflow) connections.",
+    )
     key_dir: Path = Path("./var/keys")
     schema_dir: Path = REPO_ROOT / "schemas"
     policy_file: Path = REPO_ROOT / "policies" / "minimisation.yaml"

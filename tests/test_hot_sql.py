@@ -16,6 +16,7 @@ import asyncpg
 import pytest
 from sqlalchemy import Text, bindparam, cast, func, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, StatementError
+from sqlalchemy.pool import QueuePool
 from starlette.requests import Request
 
 from broker.consent.endpoints import revoke_consent
@@ -23,7 +24,7 @@ from broker.db import _wants_autocommit
 from broker.disclosure.endpoints import disclose
 from broker.hot_sql import HotStatement, OutcomeUnknown, session_driver
 from broker.models import Disclosure
-from broker.runtime import Runtime
+from broker.runtime import Runtime, build_runtime
 from tests.conftest import PG_ADMIN_DSN
 
 _ROW = HotStatement(
@@ -313,3 +314,22 @@ async def test_autocommit_write_of_a_bad_value_is_definite_and_keeps_the_connect
             await _INSERT_WRITE.affected(session, _disclosure(grant_version="not a number"))
         assert not isinstance(caught.value, OutcomeUnknown)
         assert await session_driver(session) is driver
+
+
+async def test_pool_sizes_come_from_settings(world: object) -> None:
+    """Both PostgreSQL pools take BROKER_DB_POOL_SIZE / BROKER_DB_MAX_OVERFLOW; SQLite has
+    one engine for both roles."""
+    settings = _rt(world).settings.model_copy(update={"db_pool_size": 3, "db_max_overflow": 2})
+    rt = build_runtime(settings)
+    try:
+        if settings.is_sqlite:
+            assert rt.autocommit_engine is rt.engine
+            assert rt.autocommit_sessionmaker is rt.sessionmaker
+        else:
+            assert rt.autocommit_engine is not rt.engine
+            for engine in (rt.engine, rt.autocommit_engine):
+                pool = engine.sync_engine.pool
+                assert isinstance(pool, QueuePool)
+                assert pool.size() == 3 and pool._max_overflow == 2
+    finally:
+        await rt.aclose()
