@@ -17,6 +17,7 @@ import io
 import json
 import random
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -381,6 +382,40 @@ async def test_connection_killed_while_records_endpoint_answers(
         third = await s.officer.post("/v1/disclosures", json=_ask())
         assert third.status_code == 200, third.text
     await _after_fault(world, "records endpoint in flight, then idle pool", 2, killed + idle_killed)
+
+
+@pytest.mark.postgres_only
+async def test_slow_records_endpoint_does_not_hold_a_connection(world: World) -> None:
+    """While the holding agency's endpoint takes its time, the disclosure holds no
+    database connection: with a pool of one, another request is served meanwhile
+    (it would otherwise wait for the slow one to finish)."""
+    async with async_running_records_server() as records:
+        s = await story_one(world, records_endpoint=records.url)
+        records.records["HH-2024-0042", "shelter"] = dict(SHELTER_RECORD)
+        records.behaviour, records.delay = "slow", 3.0
+        terms = consent_body(
+            subject_id=s.subject_id,
+            source_agency_ids=[s.shelter.id],
+            recipient_agency_id=s.police.id,
+        )
+        await world.grant(s.advocate, **terms)
+        one = {"db_pool_size": 1, "db_max_overflow": 0, "run_background_workers": False}
+        app = create_app(world.rt.settings.model_copy(update=one))
+        headers = {"Authorization": f"Bearer {await s.officer.token()}"}
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE_URL) as http,
+        ):
+            slow = asyncio.create_task(http.post("/v1/disclosures", json=_ask(), headers=headers))
+            await _wait_until(lambda: _true(bool(records.requests)), 5, "records endpoint called")
+            other = await asyncio.wait_for(
+                http.get(f"/v1/disclosures/{uuid.uuid4()}/receipt", headers=headers), HTTP_TIMEOUT
+            )
+            assert other.status_code == 404, other.text  # authenticated and looked up
+            assert not slow.done(), "served while the slow disclosure still waited"
+            resp = await asyncio.wait_for(slow, HTTP_TIMEOUT)
+            assert resp.status_code == 200, resp.text
+            assert resp.json()["payload"].count(".") == 4
 
 
 @pytest.mark.postgres_only

@@ -298,6 +298,10 @@ class _Context:
             if source.reference is None:
                 return None, 0
             schema = self.rt.catalog.schemas[self.req.category]
+            # Nothing is written before the decision, so end the read-only transaction:
+            # its connection goes back to the pool while the holding agency answers
+            # (seconds, at worst), and a slow agency cannot starve the other requests.
+            await self.session.commit()
             result = await fetch_record(
                 self.rt.http,
                 url=source.records_endpoint,
