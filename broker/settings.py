@@ -60,6 +60,13 @@ class Settings(BaseSettings):
     records_connect_timeout: float = Field(default=2.0, gt=0, le=30)
     records_read_timeout: float = Field(default=5.0, gt=0, le=60)
     records_max_bytes: int = Field(default=256 * 1024, ge=1024, le=16 * 1024 * 1024)
+    records_max_connections: int = Field(
+        default=100,
+        ge=1,
+        le=1000,
+        description="Records-endpoint fetches in flight at once per process, across all "
+        "agencies; more wait for a slot (each fetch is bounded by its timeouts).",
+    )
     unsafe_allow_plain_http_endpoints: bool = Field(
         default=True,
         description="Allow http:// records endpoints and webhooks (loopback demos, tests). "
