@@ -47,7 +47,7 @@ from broker.sdk import ASSERTION_TYPE, BrokerClient, make_client_assertion
 from tests.conftest import BASE_URL, PG_ADMIN_DSN
 from tests.ledger_check import check_ledger
 from tests.pg_proxy import CommitCuttingProxy
-from tests.records_server import async_running_records_server
+from tests.records_server import RecordsServer, async_running_records_server
 from tests.reliability import record
 from tests.servers import (
     BrokerProcess,
@@ -57,7 +57,15 @@ from tests.servers import (
     free_port,
     run_cli,
 )
-from tests.support import World, attestation, consent_body, enc_keypair, sig_keypair, story_one
+from tests.support import (
+    Story,
+    World,
+    attestation,
+    consent_body,
+    enc_keypair,
+    sig_keypair,
+    story_one,
+)
 from tests.test_disclosure import SHELTER_RECORD, _ask, _setup
 from tests.webhook_server import WebhookServer
 
@@ -336,6 +344,20 @@ async def _after_fault(world: World, what: str, faults: int, killed: int) -> Non
     assert ledger.ok, (what, ledger)
 
 
+async def _slow_records_story(
+    world: World, records: RecordsServer, *, delay: float
+) -> tuple[Story, dict[str, Any]]:
+    """Story one with Harbor House behind ``records``, answering after ``delay`` seconds,
+    and the police granted its shelter record."""
+    s = await story_one(world, records_endpoint=records.url)
+    records.records["HH-2024-0042", "shelter"] = dict(SHELTER_RECORD)
+    records.behaviour, records.delay = "slow", delay
+    terms = consent_body(
+        subject_id=s.subject_id, source_agency_ids=[s.shelter.id], recipient_agency_id=s.police.id
+    )
+    return s, await world.grant(s.advocate, **terms)
+
+
 @pytest.mark.postgres_only
 async def test_connection_killed_while_records_endpoint_answers(
     world: World, database_url: str
@@ -345,15 +367,7 @@ async def test_connection_killed_while_records_endpoint_answers(
     nothing is lost, the driver refuses the dead connection before sending, and the
     decision is written on a fresh one. The disclosure succeeds and is recorded once."""
     async with async_running_records_server() as records:
-        s = await story_one(world, records_endpoint=records.url)
-        records.records["HH-2024-0042", "shelter"] = dict(SHELTER_RECORD)
-        records.behaviour, records.delay = "slow", 1.0
-        terms = consent_body(
-            subject_id=s.subject_id,
-            source_agency_ids=[s.shelter.id],
-            recipient_agency_id=s.police.id,
-        )
-        grant = await world.grant(s.advocate, **terms)
+        s, grant = await _slow_records_story(world, records, delay=1.0)
         await s.officer.token()
 
         inflight = asyncio.create_task(s.officer.post("/v1/disclosures", json=_ask()))
@@ -390,15 +404,7 @@ async def test_slow_records_endpoint_does_not_hold_a_connection(world: World) ->
     database connection: with a pool of one, another request is served meanwhile
     (it would otherwise wait for the slow one to finish)."""
     async with async_running_records_server() as records:
-        s = await story_one(world, records_endpoint=records.url)
-        records.records["HH-2024-0042", "shelter"] = dict(SHELTER_RECORD)
-        records.behaviour, records.delay = "slow", 3.0
-        terms = consent_body(
-            subject_id=s.subject_id,
-            source_agency_ids=[s.shelter.id],
-            recipient_agency_id=s.police.id,
-        )
-        await world.grant(s.advocate, **terms)
+        s, _ = await _slow_records_story(world, records, delay=3.0)
         one = {"db_pool_size": 1, "db_max_overflow": 0, "run_background_workers": False}
         app = create_app(world.rt.settings.model_copy(update=one))
         headers = {"Authorization": f"Bearer {await s.officer.token()}"}

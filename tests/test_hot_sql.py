@@ -26,6 +26,7 @@ from broker.hot_sql import HotStatement, OutcomeUnknown, session_driver
 from broker.models import Disclosure
 from broker.runtime import Runtime, build_runtime
 from tests.conftest import PG_ADMIN_DSN
+from tests.test_faults import _terminate_backends
 
 _ROW = HotStatement(
     select(Disclosure.fields_disclosed, Disclosure.created_at, Disclosure.grant_version).where(
@@ -228,16 +229,8 @@ async def test_dead_autocommit_connection_is_not_handed_out(world: object) -> No
     async with rt.autocommit_sessionmaker() as session:
         assert await _ROW.rows(session, {"id": "none"}) == []
     dbname = rt.engine.url.database
-    admin = await asyncpg.connect(PG_ADMIN_DSN)
-    try:
-        killed = await admin.fetchval(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE datname = $1 AND pid <> pg_backend_pid()",
-            dbname,
-        )
-    finally:
-        await admin.close()
-    assert killed >= 1
+    assert dbname is not None
+    assert await _terminate_backends(dbname) >= 1
     async with rt.autocommit_sessionmaker() as session:
         assert await _ROW.rows(session, {"id": "none"}) == []
 
