@@ -37,8 +37,6 @@ class Runtime:
     token_verifier: AccessTokenVerifier
     http: httpx.AsyncClient
     limiter: RateLimiter
-    #: Records-endpoint fetches in flight at once (``records_max_connections``).
-    fetch_slots: asyncio.Semaphore
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     sequencer: SequencerState = field(default_factory=SequencerState)
 
@@ -78,9 +76,8 @@ def build_runtime(settings: Settings) -> Runtime:
         # Keep-alive for every connection the pool may open: httpcore closes an idle
         # connection whenever the pool holds more than max_keepalive_connections in
         # all (busy ones included), so a lower figure reconnects on every request
-        # once that many fetches run at once (seen in the bench profile). Fetches wait
-        # for a slot in ``fetch_slots`` instead of in httpcore's queue, which costs CPU
-        # for every waiter on every pool event.
+        # once that many fetches run at once (seen in the bench profile). Beyond the
+        # cap a fetch waits for a connection, at most the pool timeout (the read one).
         limits=httpx.Limits(
             max_connections=settings.records_max_connections,
             max_keepalive_connections=settings.records_max_connections,
@@ -98,7 +95,6 @@ def build_runtime(settings: Settings) -> Runtime:
         token_verifier=AccessTokenVerifier(keys.token_signing, settings.issuer),
         http=http,
         limiter=RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst),
-        fetch_slots=asyncio.Semaphore(settings.records_max_connections),
     )
 
 

@@ -64,8 +64,8 @@ class Settings(BaseSettings):
         default=100,
         ge=1,
         le=1000,
-        description="Records-endpoint fetches in flight at once per process, across all "
-        "agencies; more wait for a slot (each fetch is bounded by its timeouts).",
+        description="Records-endpoint connections per process, across all agencies; a "
+        "fetch beyond them waits for one at most records_read_timeout.",
     )
     unsafe_allow_plain_http_endpoints: bool = Field(
         default=True,

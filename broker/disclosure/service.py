@@ -302,18 +302,17 @@ class _Context:
             # its connection goes back to the pool while the holding agency answers
             # (seconds, at worst), and a slow agency cannot starve the other requests.
             await self.session.commit()
-            async with self.rt.fetch_slots:  # httpcore's own queue costs CPU per waiter
-                result = await fetch_record(
-                    self.rt.http,
-                    url=source.records_endpoint,
-                    signing_key=self.rt.keys.token_signing,
-                    issuer=self.rt.settings.issuer,
-                    holder_agency_id=source.id,
-                    subject_ref=source.reference,
-                    category=self.req.category,
-                    schema=schema,
-                    max_bytes=self.rt.settings.records_max_bytes,
-                )
+            result = await fetch_record(
+                self.rt.http,
+                url=source.records_endpoint,
+                signing_key=self.rt.keys.token_signing,
+                issuer=self.rt.settings.issuer,
+                holder_agency_id=source.id,
+                subject_ref=source.reference,
+                category=self.req.category,
+                schema=schema,
+                max_bytes=self.rt.settings.records_max_bytes,
+            )
             return result.record, result.dropped_fields
         if source.held is None:
             return None, 0
