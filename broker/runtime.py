@@ -18,6 +18,7 @@ from broker.crypto.keystore import BrokerKeys
 from broker.db import make_engine, make_sessionmaker
 from broker.ledger.sequencer import SequencerState
 from broker.settings import Settings
+from broker.sources.connections import records_client
 
 log = logging.getLogger("broker")
 
@@ -67,22 +68,10 @@ def build_runtime(settings: Settings) -> Runtime:
     if engine.dialect.name == "postgresql":
         autocommit_engine = make_engine(settings.database_url, autocommit=True, **pools)
         autocommit_sessionmaker = make_sessionmaker(autocommit_engine)
-    http = httpx.AsyncClient(
-        follow_redirects=False,
-        timeout=httpx.Timeout(
-            settings.records_read_timeout,
-            connect=settings.records_connect_timeout,
-        ),
-        # Keep-alive for every connection the pool may open: httpcore closes an idle
-        # connection whenever the pool holds more than max_keepalive_connections in
-        # all (busy ones included), so a lower figure reconnects on every request
-        # once that many fetches run at once (seen in the bench profile). Beyond the
-        # cap a fetch waits for a connection, at most the pool timeout (the read one).
-        limits=httpx.Limits(
-            max_connections=settings.records_max_connections,
-            max_keepalive_connections=settings.records_max_connections,
-        ),
-        trust_env=False,
+    http = records_client(
+        max_connections=settings.records_max_connections,
+        read_timeout=settings.records_read_timeout,
+        connect_timeout=settings.records_connect_timeout,
     )
     return Runtime(
         settings=settings,

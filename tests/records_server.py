@@ -264,6 +264,7 @@ class RecordsServer:
             "path": request.url.path,
             "headers": dict(request.headers),
             "body": body,
+            "client": request.client,  # (host, port): one port per connection
             "claims": None,
             "auth_error": None,
         }

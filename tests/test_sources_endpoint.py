@@ -26,6 +26,7 @@ import pytest
 from broker.catalog import Catalog, load_catalog
 from broker.crypto.keystore import BrokerKeys
 from broker.errors import UpstreamError, UpstreamTimeout
+from broker.sources.connections import records_client
 from broker.sources.endpoint import (
     REASONS,
     REQUEST_TOKEN_TYP,
@@ -97,9 +98,8 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> BrokerKeys:
 
 @pytest.fixture
 async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        follow_redirects=False, trust_env=False, timeout=httpx.Timeout(2.0, connect=1.0)
-    ) as client:
+    # The broker's own client, so every test here also runs its connection pool.
+    async with records_client(max_connections=8, read_timeout=2.0, connect_timeout=1.0) as client:
         yield client
 
 
