@@ -373,7 +373,7 @@ async def _measure(settings: Settings, size: int, lookups: int) -> tuple[float, 
             ref = f"PD-{rng.randint(1, size)}"
             req = DisclosureRequest(POLICE, OFFICER, "shelter", "safety_planning", asked)
             t = time.perf_counter()
-            resolved = await repository.resolve(session, caller, ref)
+            resolved = await repository.resolve(session, caller, ref, "shelter")
             permit = decide(req, resolved.grants, policy, datetime.now(UTC))
             elapsed = time.perf_counter() - t
             session.expunge_all()

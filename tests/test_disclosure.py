@@ -99,6 +99,38 @@ async def test_story_one_disclosure(world: World) -> None:
     } <= claims.keys()
 
 
+async def test_the_record_comes_from_the_sources_of_the_version_in_force(
+    world: World,
+) -> None:
+    """The statement that resolves the survivor also gathers her grants' sources: only the
+    agencies named by the version in force are read, whoever else holds a record."""
+    s, grant = await _setup(world)  # Harbor House deposits; the grant names it
+    second = await world.agency("Second Shelter", "shelter")
+    r = await s.advocate.post(
+        f"/v1/subjects/{s.subject_id}/references",
+        json={"agency_id": second.id, "reference": "SS-77"},
+    )
+    assert r.status_code == 201, r.text
+    depositor = await world.client(second.id, "agency", "second shelter case system")
+    waitlisted = {"intake_date": "2024-05-05", "bed_status": "waitlisted"}
+    r = await depositor.post(
+        "/v1/records", json={"subject_ref": "SS-77", "category": "shelter", "record": waitlisted}
+    )
+    assert r.status_code == 201, r.text
+
+    async def disclosed() -> dict[str, Any]:
+        resp = await s.officer.post("/v1/disclosures", json=_ask())
+        assert resp.status_code == 200, resp.text
+        claims = open_payload(resp.json()["payload"], s.police.enc_private, await _jwks(world))
+        return dict(claims["data"])
+
+    assert await disclosed() == {"intake_date": "2024-03-02", "bed_status": "assigned"}
+    terms = consent_body(source_agency_ids=[second.id])
+    revised = await s.advocate.post(f"/v1/consents/{grant['id']}/versions", json=terms)
+    assert revised.status_code == 201, revised.text
+    assert await disclosed() == waitlisted
+
+
 async def test_payload_only_opens_for_recipient(world: World) -> None:
     s, _ = await _setup(world)
     body = (await s.officer.post("/v1/disclosures", json=_ask())).json()

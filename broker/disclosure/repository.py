@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
-    ARRAY,
     Boolean,
+    ColumnElement,
+    CompoundSelect,
     Executable,
     Insert,
     Integer,
@@ -15,17 +17,23 @@ from sqlalchemy import (
     and_,
     any_,
     bindparam,
+    cast,
     exists,
+    func,
     insert,
     literal_column,
     not_,
+    null,
     or_,
     select,
     true,
+    union_all,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 from sqlalchemy.sql.elements import ColumnClause
+from sqlalchemy.sql.selectable import TableValuedAlias
 
 from broker.auth.roles import Principal
 from broker.auth.standing import STANDING, require_standing
@@ -44,9 +52,26 @@ from broker.models import (
 
 
 @dataclass(frozen=True, slots=True)
+class Party:
+    """An agency taking part in one disclosure, with what the broker holds for it."""
+
+    id: str
+    status: str
+    encryption_jwks: dict[str, Any]
+    records_endpoint: str | None
+    reference: str | None  # this agency's own reference for the survivor
+    held: bytes | None  # deposited record of the requested category, encrypted
+
+
+@dataclass(frozen=True, slots=True)
 class Resolved:
+    """The survivor, the grants to the caller, and every agency a decision may need."""
+
     subject_id: str | None
     grants: list[GrantView]
+    #: The caller's agency and each agency a grant names as a source (for a known survivor).
+    parties: dict[str, Party]
+    wrapped_key: bytes | None  # the survivor's data key, wrapped (None once erased)
 
 
 # The hot path's statements are built once, with bound parameters, and run as
@@ -89,13 +114,92 @@ _REFERENCE = (
     .subquery("ref")
 )
 # The caller's standing (one row, or none), each of the reference's rows beside it.
+_GRANTS = STANDING.add_columns(*_REFERENCE.c).outerjoin(_REFERENCE, true())
+
+_PARTY_COLUMNS = (
+    Agency.id,
+    Agency.status,
+    Agency.encryption_jwks,
+    Agency.records_endpoint,
+    SubjectReference.reference,
+    HeldRecord.ciphertext,
+    Subject.wrapped_data_key,
+)
+_SR = aliased(SubjectReference)
+_SUBJECT_ID = (
+    select(_SR.subject_id)
+    .where(_SR.agency_id == bindparam("agency_id"), _SR.reference == bindparam("subject_ref"))
+    .scalar_subquery()
+)
+# A table-valued function of a JSON array of strings, with its one column named "value".
+ArrayElements = Callable[[Any], TableValuedAlias]
+
+
+def _party_ids(elements: ArrayElements) -> CompoundSelect[Any]:
+    """The caller's agency id, and the sources named by the survivor's grants to it."""
+    names = elements(_V.source_agency_ids)
+    sources = (
+        select(names.c.value)
+        .select_from(ConsentGrant)
+        .join(_V, and_(_V.grant_id == ConsentGrant.id, _V.version == ConsentGrant.latest_version))
+        .join(names, true())  # a function of the row beside it: implicitly lateral
+        .where(
+            ConsentGrant.subject_id == _SUBJECT_ID,
+            ConsentGrant.recipient_agency_id == bindparam("agency_id"),
+        )
+    )
+    return union_all(select(bindparam("agency_id", type_=String)), sources)
+
+
+def _resolve_statement(
+    elements: ArrayElements, among: Callable[[CompoundSelect[Any]], ColumnElement[bool]]
+) -> Executable:
+    """Grants and parties in one result: each row is one or the other, NULLs elsewhere."""
+    grant_columns = list(_GRANTS.selected_columns)
+    grants = _GRANTS.add_columns(*(cast(null(), c.type) for c in _PARTY_COLUMNS))
+    parties = (
+        select(*(cast(null(), c.type) for c in grant_columns), *_PARTY_COLUMNS)
+        .select_from(Agency)
+        .join(Subject, Subject.id == _SUBJECT_ID)
+        .outerjoin(
+            SubjectReference,
+            and_(
+                SubjectReference.agency_id == Agency.id, SubjectReference.subject_id == Subject.id
+            ),
+        )
+        .outerjoin(
+            HeldRecord,
+            and_(
+                HeldRecord.agency_id == Agency.id,
+                HeldRecord.subject_id == Subject.id,
+                HeldRecord.category == bindparam("category"),
+            ),
+        )
+        .where(among(_party_ids(elements)))
+    )
+    return union_all(grants, parties)
+
+
+_GRANT_WIDTH = len(STANDING.selected_columns) + len(_REFERENCE.c)
 _RESOLVE = HotStatement(
-    STANDING.add_columns(*_REFERENCE.c).outerjoin(_REFERENCE, true()),
+    _resolve_statement(
+        lambda array: func.json_each(array).table_valued("value"),
+        lambda ids: Agency.id.in_(ids),
+    ),
+    # ``= ANY(ARRAY(...))``: the ids are collected first, then each agency is found by its
+    # key; an ``IN`` would let the planner guess a hundred ids and scan every agency.
+    pg=_resolve_statement(
+        lambda array: func.jsonb_array_elements_text(array).table_valued("value"),
+        lambda ids: Agency.id == any_(func.array(ids.scalar_subquery())),
+    ),
 )
 
 
-async def resolve(session: AsyncSession, caller: Principal, subject_ref: str) -> Resolved:
-    """Subject by the requester's own reference, with every grant's latest version to it.
+async def resolve(
+    session: AsyncSession, caller: Principal, subject_ref: str, category: str
+) -> Resolved:
+    """Subject by the requester's own reference, with every grant's latest version to it
+    and the agencies a disclosure under any of them would involve.
 
     One statement, which also reads the caller's standing and refuses a withdrawn
     client or suspended agency (``Unauthenticated``) before anything else is used.
@@ -105,13 +209,24 @@ async def resolve(session: AsyncSession, caller: Principal, subject_ref: str) ->
         "client_id": caller.client_id,
         "agency_id": caller.agency_id,
         "subject_ref": subject_ref,
+        "category": category,
     }
-    rows = await _RESOLVE.rows(session, params)
-    require_standing(rows[0] if rows else None)
-    if rows[0][2] is None:
-        return Resolved(None, [])
-    grants = [_view(row[2:]) for row in rows if row[4] is not None]
-    return Resolved(rows[0][2], grants)
+    grant_rows: list[Any] = []
+    parties: dict[str, Party] = {}
+    wrapped: bytes | None = None
+    for row in await _RESOLVE.rows(session, params):
+        if row[_GRANT_WIDTH] is None:
+            grant_rows.append(row)
+            continue
+        agency_id, status, jwks, endpoint, reference, held, key = row[_GRANT_WIDTH:]
+        parties[agency_id] = Party(agency_id, status, jwks, endpoint, reference, held)
+        wrapped = key
+    require_standing(grant_rows[0] if grant_rows else None)
+    subject_id = grant_rows[0][2]
+    if subject_id is None:
+        return Resolved(None, [], {}, None)
+    grants = [_view(row[2:_GRANT_WIDTH]) for row in grant_rows if row[4] is not None]
+    return Resolved(subject_id, grants, parties, wrapped)
 
 
 def _view(row: Any) -> GrantView:
@@ -132,71 +247,6 @@ def _view(row: Any) -> GrantView:
         excluded_client_ids=frozenset(excluded),
         data_life_days=data_life_days,
     )
-
-
-@dataclass(frozen=True, slots=True)
-class Party:
-    """An agency taking part in one disclosure, with what the broker holds for it."""
-
-    id: str
-    status: str
-    encryption_jwks: dict[str, Any]
-    records_endpoint: str | None
-    reference: str | None  # this agency's own reference for the survivor
-    held: bytes | None  # deposited record of the requested category, encrypted
-
-
-_PARTIES_SELECT = (
-    select(
-        Agency.id,
-        Agency.status,
-        Agency.encryption_jwks,
-        Agency.records_endpoint,
-        SubjectReference.reference,
-        HeldRecord.ciphertext,
-        Subject.wrapped_data_key,
-    )
-    .select_from(Agency)
-    .join(Subject, Subject.id == bindparam("subject_id"))
-    .outerjoin(
-        SubjectReference,
-        and_(
-            SubjectReference.agency_id == Agency.id,
-            SubjectReference.subject_id == bindparam("subject_id"),
-        ),
-    )
-    .outerjoin(
-        HeldRecord,
-        and_(
-            HeldRecord.agency_id == Agency.id,
-            HeldRecord.subject_id == bindparam("subject_id"),
-            HeldRecord.category == bindparam("category"),
-        ),
-    )
-)
-_PARTIES = HotStatement(
-    _PARTIES_SELECT.where(Agency.id.in_(bindparam("agency_ids", expanding=True))),
-    # One array parameter on PostgreSQL: one prepared statement for any number of ids.
-    pg=_PARTIES_SELECT.where(Agency.id == any_(bindparam("agency_ids", type_=ARRAY(String)))),
-)
-
-
-async def parties(
-    session: AsyncSession, subject_id: str, category: str, agency_ids: list[str]
-) -> tuple[dict[str, Party], bytes | None]:
-    """Recipient and sources with their references and held records, in one statement.
-
-    Also returns the survivor's wrapped data key (None once erased).
-    """
-    params = {"subject_id": subject_id, "category": category, "agency_ids": agency_ids}
-    found: dict[str, Party] = {}
-    wrapped: bytes | None = None
-    for agency_id, status, jwks, endpoint, reference, held, key in await _PARTIES.rows(
-        session, params
-    ):
-        found[agency_id] = Party(agency_id, status, jwks, endpoint, reference, held)
-        wrapped = key
-    return found, wrapped
 
 
 async def held_record(

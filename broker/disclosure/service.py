@@ -76,13 +76,14 @@ async def request_disclosure(
     req = DisclosureRequest(caller.agency_id, caller.client_id, data.category, data.purpose, fields)
     disclosure_id = str(uuid.uuid4())
     now = datetime.now(UTC)
-    resolved = await repository.resolve(session, caller, data.subject_ref)  # checks standing
+    # The caller's standing, the survivor, her grants and the parties: one statement.
+    resolved = await repository.resolve(session, caller, data.subject_ref, data.category)
     ctx = _Context(session, rt, caller, data, req, disclosure_id, now, resolved.subject_id)
     try:
         permit = decide(req, resolved.grants, rt.catalog.policy, now)
     except Denied as denial:
         return await ctx.denied(denial.reason, denial.grant)
-    return await ctx.disclose(permit)
+    return await ctx.disclose(permit, resolved)
 
 
 @dataclass
@@ -202,13 +203,10 @@ class _Context:
         body["instance"] = f"urn:uuid:{self.disclosure_id}"
         return Outcome(error.status_code, body)
 
-    async def disclose(self, permit: Permit) -> Outcome:
+    async def disclose(self, permit: Permit, resolved: repository.Resolved) -> Outcome:
         assert self.subject_id is not None
         grant = permit.grant
-        ids = [self.caller.agency_id, *grant.source_agency_ids]
-        agencies, wrapped_key = await repository.parties(
-            self.session, self.subject_id, self.req.category, ids
-        )
+        agencies, wrapped_key = resolved.parties, resolved.wrapped_key
         recipient = agencies.get(self.caller.agency_id)
         if recipient is None or not recipient.encryption_jwks.get("keys"):
             return await self.denied("recipient_has_no_key", grant)
@@ -270,9 +268,11 @@ class _Context:
         if entry is None:
             # Lost a race: the grant changed (revoked, paused, revised) or the last use
             # went. Nothing was written; the sealed payload is dropped unsent.
-            resolved = await repository.resolve(self.session, self.caller, self.data.subject_ref)
+            now_in_force = await repository.resolve(
+                self.session, self.caller, self.data.subject_ref, self.req.category
+            )
             try:
-                permit = decide(self.req, resolved.grants, self.rt.catalog.policy, self.now)
+                permit = decide(self.req, now_in_force.grants, self.rt.catalog.policy, self.now)
             except Denied as denial:
                 return await self.denied(denial.reason, denial.grant)
             return await self.denied("grant_changed", permit.grant)
