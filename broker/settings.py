@@ -28,18 +28,19 @@ class Settings(BaseSettings):
     )
     database_url: str = "sqlite+aiosqlite:///./var/broker.db"
     db_pool_size: int = Field(
-        default=10,
+        default=20,
         ge=1,
         le=200,
-        description="PostgreSQL: connections each of a process's two pools keeps open "
-        "(transactions; reads and single-statement writes in autocommit).",
+        description="PostgreSQL: connections each of a process's two pools keeps open once "
+        "opened (transactions; reads and single-statement writes in autocommit).",
     )
     db_max_overflow: int = Field(
-        default=10,
+        default=0,
         ge=0,
         le=200,
-        description="PostgreSQL: extra connections each pool may open under load. A process "
-        "may hold 2 x (db_pool_size + db_max_overflow) connections.",
+        description="PostgreSQL: extra connections each pool may open under load, closed again "
+        "as soon as they are returned to a full pool (a reconnect each time the load "
+        "dips and rises). A process may hold 2 x (db_pool_size + db_max_overflow).",
     )
     key_dir: Path = Path("./var/keys")
     schema_dir: Path = REPO_ROOT / "schemas"
