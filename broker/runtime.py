@@ -7,7 +7,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-import httpx
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -18,7 +17,7 @@ from broker.crypto.keystore import BrokerKeys
 from broker.db import make_engine, make_sessionmaker
 from broker.ledger.sequencer import SequencerState
 from broker.settings import Settings
-from broker.sources.connections import records_client
+from broker.sources.connections import AgencyClient
 
 log = logging.getLogger("broker")
 
@@ -36,7 +35,7 @@ class Runtime:
     autocommit_engine: AsyncEngine
     autocommit_sessionmaker: async_sessionmaker[AsyncSession]
     token_verifier: AccessTokenVerifier
-    http: httpx.AsyncClient
+    http: AgencyClient  # records endpoints and webhooks
     limiter: RateLimiter
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     sequencer: SequencerState = field(default_factory=SequencerState)
@@ -68,7 +67,7 @@ def build_runtime(settings: Settings) -> Runtime:
     if engine.dialect.name == "postgresql":
         autocommit_engine = make_engine(settings.database_url, autocommit=True, **pools)
         autocommit_sessionmaker = make_sessionmaker(autocommit_engine)
-    http = records_client(
+    http = AgencyClient(
         max_connections=settings.records_max_connections,
         read_timeout=settings.records_read_timeout,
         connect_timeout=settings.records_connect_timeout,

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import pytest
 
-from broker.sources.connections import LifoConnectionPool, RecordsTransport, records_client
+from broker.sources.connections import AgencyClient, LifoConnectionPool, RecordsTransport
 from tests.records_server import RecordsServer, running_records_server
 
 BODY = b'{"subject_ref": "case-1", "category": "shelter"}'
@@ -59,12 +59,29 @@ async def test_sequential_fetches_reuse_one_connection(server: RecordsServer) ->
 
 async def test_the_broker_client_keeps_to_its_connection_limit(server: RecordsServer) -> None:
     server.behaviour, server.delay = "slow", 0.2
-    async with records_client(max_connections=1, read_timeout=2, connect_timeout=1) as http:
-        first, second = await asyncio.gather(
-            http.post(server.url, content=BODY), http.post(server.url, content=BODY)
-        )
-    assert (first.status_code, second.status_code) == (200, 200)
+
+    async def status(http: AgencyClient) -> int:
+        async with http.post(server.url, BODY, {}) as response:
+            await response.aread()
+            return response.status_code
+
+    async with AgencyClient(max_connections=1, read_timeout=2, connect_timeout=1) as http:
+        assert await asyncio.gather(status(http), status(http)) == [200, 200]
     assert len(ports(server)) == 1  # the second waited for the first's connection
+    assert server.requests[0]["headers"]["user-agent"] == "consent-broker"
+
+
+async def test_the_broker_client_passes_its_timeouts_to_the_pool(server: RecordsServer) -> None:
+    server.behaviour, server.delay = "slow", 1.0
+    fast = httpx.Timeout(2.0, pool=0.1)
+    async with (
+        AgencyClient(max_connections=1, read_timeout=2, connect_timeout=1) as http,
+        http.post(server.url, BODY, {}) as first,
+    ):
+        with pytest.raises(httpx.PoolTimeout):
+            async with http.post(server.url, BODY, {}, timeout=fast):
+                pass
+        assert first.status_code == 200
 
 
 async def test_concurrent_fetches_never_exceed_the_limit(server: RecordsServer) -> None:

@@ -26,7 +26,7 @@ import pytest
 from broker.catalog import Catalog, load_catalog
 from broker.crypto.keystore import BrokerKeys
 from broker.errors import UpstreamError, UpstreamTimeout
-from broker.sources.connections import records_client
+from broker.sources.connections import AgencyClient
 from broker.sources.endpoint import (
     REASONS,
     REQUEST_TOKEN_TYP,
@@ -97,14 +97,14 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> BrokerKeys:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
+async def http() -> AsyncIterator[AgencyClient]:
     # The broker's own client, so every test here also runs its connection pool.
-    async with records_client(max_connections=8, read_timeout=2.0, connect_timeout=1.0) as client:
+    async with AgencyClient(max_connections=8, read_timeout=2.0, connect_timeout=1.0) as client:
         yield client
 
 
 async def fetch(
-    http: httpx.AsyncClient,
+    http: AgencyClient,
     server: RecordsServer,
     keys: BrokerKeys,
     catalog: Catalog,
@@ -138,7 +138,7 @@ def assert_no_leak(failure: SourceFailure, caplog: pytest.LogCaptureFixture) -> 
 
 
 async def test_fetch_returns_clean_record(
-    http: httpx.AsyncClient, records: RecordsServer, keys: BrokerKeys, catalog: Catalog
+    http: AgencyClient, records: RecordsServer, keys: BrokerKeys, catalog: Catalog
 ) -> None:
     result = await fetch(http, records, keys, catalog)
 
@@ -154,7 +154,7 @@ async def test_fetch_returns_clean_record(
 
 
 async def test_content_type_parameters_are_accepted(
-    http: httpx.AsyncClient, records: RecordsServer, keys: BrokerKeys, catalog: Catalog
+    http: AgencyClient, records: RecordsServer, keys: BrokerKeys, catalog: Catalog
 ) -> None:
     records.content_type = "Application/JSON; charset=utf-8"
     result = await fetch(http, records, keys, catalog)
@@ -162,7 +162,7 @@ async def test_content_type_parameters_are_accepted(
 
 
 async def test_unknown_fields_are_dropped_and_counted(
-    http: httpx.AsyncClient, records: RecordsServer, keys: BrokerKeys, catalog: Catalog
+    http: AgencyClient, records: RecordsServer, keys: BrokerKeys, catalog: Catalog
 ) -> None:
     records.behaviour = "extra_fields"
     result = await fetch(http, records, keys, catalog)
@@ -172,7 +172,7 @@ async def test_unknown_fields_are_dropped_and_counted(
 
 @pytest.mark.parametrize("how", ["no_record_stored", "not_found"])
 async def test_404_means_no_record(
-    http: httpx.AsyncClient,
+    http: AgencyClient,
     records: RecordsServer,
     keys: BrokerKeys,
     catalog: Catalog,
@@ -190,7 +190,7 @@ async def test_404_means_no_record(
 
 
 async def test_holder_verifies_the_request_token(
-    http: httpx.AsyncClient, records: RecordsServer, keys: BrokerKeys, catalog: Catalog
+    http: AgencyClient, records: RecordsServer, keys: BrokerKeys, catalog: Catalog
 ) -> None:
     records.verify_with = keys.public_jwks()
     records.expect_issuer, records.expect_holder = ISSUER, HOLDER
@@ -223,7 +223,7 @@ def _b64url_decode(segment: str) -> bytes:
 
 
 async def test_token_is_bound_to_its_body(
-    http: httpx.AsyncClient, records: RecordsServer, keys: BrokerKeys, catalog: Catalog
+    http: AgencyClient, records: RecordsServer, keys: BrokerKeys, catalog: Catalog
 ) -> None:
     records.verify_with = keys.public_jwks()
     records.records["OTHER-CASE", "shelter"] = {"bed_status": "none"}
@@ -242,12 +242,9 @@ async def test_token_is_bound_to_its_body(
         )
     # ...and the live server refuses it with 401 when replayed with the other body or resent.
     for body in (other_body, sent["body"]):
-        response = await http.post(
-            records.url,
-            content=body,
-            headers={"Authorization": authorization, "Content-Type": "application/json"},
-        )
-        assert response.status_code == 401
+        headers = {"Authorization": authorization, "Content-Type": "application/json"}
+        async with http.post(records.url, body, headers) as response:
+            assert response.status_code == 401
     assert [r["auth_error"] for r in records.requests[1:]] == [
         "req digest does not match the body",
         "replayed jti",
@@ -255,7 +252,7 @@ async def test_token_is_bound_to_its_body(
 
 
 async def test_token_from_another_key_is_refused(
-    http: httpx.AsyncClient,
+    http: AgencyClient,
     records: RecordsServer,
     keys: BrokerKeys,
     catalog: Catalog,
@@ -289,7 +286,7 @@ async def test_token_from_another_key_is_refused(
     ],
 )
 async def test_failure_modes(
-    http: httpx.AsyncClient,
+    http: AgencyClient,
     records: RecordsServer,
     keys: BrokerKeys,
     catalog: Catalog,
@@ -314,7 +311,7 @@ async def test_failure_modes(
 
 
 async def test_status_is_named_in_the_detail(
-    http: httpx.AsyncClient, records: RecordsServer, keys: BrokerKeys, catalog: Catalog
+    http: AgencyClient, records: RecordsServer, keys: BrokerKeys, catalog: Catalog
 ) -> None:
     records.behaviour = "status_500"
     with pytest.raises(SourceFailure) as info:
@@ -324,20 +321,18 @@ async def test_status_is_named_in_the_detail(
 
 
 async def test_redirect_is_never_followed(
-    http: httpx.AsyncClient, records: RecordsServer, keys: BrokerKeys, catalog: Catalog
+    http: AgencyClient, records: RecordsServer, keys: BrokerKeys, catalog: Catalog
 ) -> None:
     records.behaviour = "redirect"
-    # Even a client that would follow redirects is told not to for this request.
-    async with httpx.AsyncClient(follow_redirects=True, trust_env=False) as lenient:
-        with pytest.raises(SourceFailure) as info:
-            await fetch(lenient, records, keys, catalog)
+    with pytest.raises(SourceFailure) as info:
+        await fetch(http, records, keys, catalog)
     assert info.value.reason == "source_redirect"
     assert info.value.upstream_status == 302
     assert records.redirect_target_hits == 0
 
 
 async def test_invalid_record_names_fields_not_values(
-    http: httpx.AsyncClient,
+    http: AgencyClient,
     records: RecordsServer,
     keys: BrokerKeys,
     catalog: Catalog,
@@ -352,7 +347,7 @@ async def test_invalid_record_names_fields_not_values(
 
 
 async def test_huge_body_is_refused_within_the_limit(
-    http: httpx.AsyncClient, records: RecordsServer, keys: BrokerKeys, catalog: Catalog
+    http: AgencyClient, records: RecordsServer, keys: BrokerKeys, catalog: Catalog
 ) -> None:
     # A record that fits by default is refused once the cap is below its size.
     size = len(json.dumps(RECORD))
@@ -363,7 +358,7 @@ async def test_huge_body_is_refused_within_the_limit(
 
 
 async def test_slow_server_times_out(
-    http: httpx.AsyncClient,
+    http: AgencyClient,
     records: RecordsServer,
     keys: BrokerKeys,
     catalog: Catalog,
@@ -383,7 +378,7 @@ async def test_slow_server_times_out(
 
 
 async def test_trickling_server_hits_the_total_deadline(
-    http: httpx.AsyncClient,
+    http: AgencyClient,
     records: RecordsServer,
     keys: BrokerKeys,
     catalog: Catalog,
@@ -401,7 +396,7 @@ async def test_trickling_server_hits_the_total_deadline(
 
 
 async def test_unreachable_endpoint(
-    http: httpx.AsyncClient, keys: BrokerKeys, catalog: Catalog, caplog: pytest.LogCaptureFixture
+    http: AgencyClient, keys: BrokerKeys, catalog: Catalog, caplog: pytest.LogCaptureFixture
 ) -> None:
     with socket.socket() as sock:  # a port that was free a moment ago: nobody listens on it
         sock.bind(("127.0.0.1", 0))
@@ -419,7 +414,7 @@ async def test_unreachable_endpoint(
 
 
 async def test_several_servers_run_at_once(
-    http: httpx.AsyncClient, records: RecordsServer, keys: BrokerKeys, catalog: Catalog
+    http: AgencyClient, records: RecordsServer, keys: BrokerKeys, catalog: Catalog
 ) -> None:
     other = start_records_server()
     try:
@@ -437,18 +432,19 @@ async def test_several_servers_run_at_once(
 
 
 async def test_async_helper_starts_and_stops_a_server(
-    http: httpx.AsyncClient, keys: BrokerKeys, catalog: Catalog
+    http: AgencyClient, keys: BrokerKeys, catalog: Catalog
 ) -> None:
     async with async_running_records_server() as srv:
         srv.records[SUBJECT_REF, "shelter"] = {"program_type": "safe_home"}
         result = await fetch(http, srv, keys, catalog)
     assert result.record == {"program_type": "safe_home"}
     with pytest.raises(httpx.ConnectError):
-        await http.post(srv.url, content=b"{}")
+        async with http.post(srv.url, b"{}", {}):
+            pass
 
 
 async def test_schema_must_match_category(
-    http: httpx.AsyncClient, records: RecordsServer, keys: BrokerKeys, catalog: Catalog
+    http: AgencyClient, records: RecordsServer, keys: BrokerKeys, catalog: Catalog
 ) -> None:
     with pytest.raises(ValueError, match="category"):
         await fetch(http, records, keys, catalog, schema=catalog.schemas["medical"])

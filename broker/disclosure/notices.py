@@ -14,6 +14,7 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import httpx
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -112,20 +113,24 @@ async def deliver_due(rt: Runtime, limit: int = 20) -> int:
         return len(due)
 
 
+_WEBHOOK_TIMEOUT = httpx.Timeout(5.0)
+
+
 async def _attempt(rt: Runtime, delivery: WebhookDelivery, url: str | None) -> None:
     delivery.attempts += 1
     outcome = "no webhook registered"
     ok = False
     if url:
         try:
-            resp = await rt.http.post(
+            # Only the status matters: the body is never read (nor buffered).
+            async with rt.http.post(
                 url,
-                content=delivery.body,
-                headers={"Content-Type": "application/jose"},
-                timeout=5.0,
-            )
-            ok = 200 <= resp.status_code < 300
-            outcome = f"HTTP {resp.status_code}"
+                delivery.body.encode(),
+                {"Content-Type": "application/jose"},
+                timeout=_WEBHOOK_TIMEOUT,
+            ) as resp:
+                ok = 200 <= resp.status_code < 300
+                outcome = f"HTTP {resp.status_code}"
         except Exception as exc:  # any transport failure is retried
             outcome = type(exc).__name__
     delivery.last_status = outcome

@@ -70,6 +70,7 @@ from joserfc.jwk import ECKey
 from broker.catalog import CategorySchema, RecordInvalid
 from broker.crypto.payload import sign_claims
 from broker.errors import BrokerError, UpstreamError, UpstreamTimeout
+from broker.sources.connections import AgencyClient
 
 __all__ = [
     "REASONS",
@@ -151,7 +152,7 @@ class SourceFailure(Exception):
 
 
 async def fetch_record(
-    http: httpx.AsyncClient,
+    http: AgencyClient,
     *,
     url: str,
     signing_key: ECKey,
@@ -166,7 +167,6 @@ async def fetch_record(
 ) -> FetchResult:
     """POST a signed request to ``url`` and return the cleaned record (``None`` on 404).
 
-    ``http`` must not follow redirects (redirects are also refused per request here).
     ``timeout`` overrides the client's per-phase timeouts; ``total_deadline`` caps the whole
     exchange, which per-phase timeouts alone cannot do against a server sending bytes slowly.
     Raises ``SourceFailure``.
@@ -224,7 +224,7 @@ def _request_token(
 
 
 async def _exchange(
-    http: httpx.AsyncClient,
+    http: AgencyClient,
     url: str,
     body: bytes,
     headers: dict[str, str],
@@ -232,14 +232,7 @@ async def _exchange(
     max_bytes: int,
     phase_timeout: httpx.Timeout | None,
 ) -> FetchResult:
-    async with http.stream(
-        "POST",
-        url,
-        content=body,
-        headers=headers,
-        follow_redirects=False,
-        timeout=httpx.USE_CLIENT_DEFAULT if phase_timeout is None else phase_timeout,
-    ) as response:
+    async with http.post(url, body, headers, timeout=phase_timeout) as response:
         status = response.status_code
         if status == 404:
             await _drain_small(response)
