@@ -8,6 +8,7 @@ or runs under SQLite's single writer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -21,7 +22,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("broker.workers")
 
 
-async def _loop(name: str, interval: float, step: Callable[[], Awaitable[object]]) -> None:
+async def _loop(
+    name: str,
+    interval: float,
+    step: Callable[[], Awaitable[object]],
+    wake: asyncio.Event | None = None,
+) -> None:
     failures = idle = 0
     while True:
         try:
@@ -30,13 +36,24 @@ async def _loop(name: str, interval: float, step: Callable[[], Awaitable[object]
             # A step that found nothing to do (returns 0) backs off up to 4x, so idle
             # processes do not poll the database 20 times a second.
             idle = idle + 1 if result == 0 else 0
-            await asyncio.sleep(interval * min(2**idle, 4))
+            await _pause(interval * min(2**idle, 4), wake)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a worker must outlive a database restart
             failures += 1
             log.warning("%s: %s (retrying)", name, type(exc).__name__)
             await asyncio.sleep(min(interval * 2**failures, 5.0))
+
+
+async def _pause(seconds: float, wake: asyncio.Event | None) -> None:
+    """Sleep ``seconds``, or less if ``wake`` is set meanwhile (or already)."""
+    if wake is None:
+        await asyncio.sleep(seconds)
+        return
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await wake.wait()
+    wake.clear()  # before the step: a wake during the step makes the next pause short
 
 
 async def purge_used_assertions(rt: Runtime) -> None:
@@ -51,14 +68,18 @@ def start_workers(rt: Runtime) -> list[asyncio.Task[None]]:
     from broker.disclosure.notices import deliver_due
     from broker.ledger.sequencer import integrate_until_empty
 
-    loops: list[tuple[str, float, Callable[[], Awaitable[object]]]] = [
-        ("webhooks", 1.0, lambda: deliver_due(rt)),
-        ("assertion-purge", 60.0, lambda: purge_used_assertions(rt)),
+    Loop = tuple[str, float, Callable[[], Awaitable[object]], asyncio.Event | None]
+    loops: list[Loop] = [
+        ("webhooks", 1.0, lambda: deliver_due(rt), rt.notices_due),
+        ("assertion-purge", 60.0, lambda: purge_used_assertions(rt), None),
+        (
+            "sequencer",
+            rt.settings.sequencer_interval_seconds,
+            lambda: integrate_until_empty(rt),
+            None,
+        ),
     ]
-    loops.append(
-        ("sequencer", rt.settings.sequencer_interval_seconds, lambda: integrate_until_empty(rt))
-    )
     return [
-        asyncio.create_task(_loop(name, interval, step), name=name)
-        for name, interval, step in loops
+        asyncio.create_task(_loop(name, interval, step, wake), name=name)
+        for name, interval, step, wake in loops
     ]

@@ -180,9 +180,12 @@ async def test_story_four_revocation_notice(world: World, webhook_server: Webhoo
         "attestation": attestation("verbal"),
         "reason": "Survivor phoned: stop sharing with police",
     }
+    assert not world.rt.notices_due.is_set()
     assert (
         await s.advocate.post(f"/v1/consents/{grant['id']}/revoke", json=oral)
     ).status_code == 200
+    # The commit woke this process's delivery loop (not running in tests): no idle wait.
+    assert world.rt.notices_due.is_set()
     assert (await s.officer.post("/v1/disclosures", json=ask)).status_code == 403
     assert await deliver_due(world.rt) == 1
     notices = (await s.advocate.get(f"/v1/consents/{grant['id']}/notices")).json()["items"]

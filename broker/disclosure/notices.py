@@ -12,11 +12,13 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import httpx
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from broker.crypto.payload import sign_claims
 from broker.models import (
@@ -86,7 +88,17 @@ async def queue_revocation_notices(
             )
         )
         queued += 1
+    if queued:
+        # After the commit, not now: woken earlier, the loop would find nothing yet.
+        event.listen(session.sync_session, "after_commit", _wake(rt), once=True)
     return queued
+
+
+def _wake(rt: Runtime) -> Callable[[Session], None]:
+    def wake(_: Session) -> None:
+        rt.notices_due.set()
+
+    return wake
 
 
 def backoff_seconds(attempts: int) -> float:
