@@ -8,6 +8,8 @@ On PostgreSQL, reads (GET, HEAD) and routes marked ``@single_statement_writes`` 
 on a second pool in autocommit instead: at READ COMMITTED a transaction gives a
 sequence of reads no common snapshot anyway, and a write that is one statement is
 atomic by itself, so BEGIN and COMMIT would only add two round trips.
+The disclosure route goes one step further (``driver_session``): its statements run on
+a connection taken straight from that pool, with no ORM session around it.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.util.concurrency import await_
 
-from broker.errors import CommitUnconfirmed, Conflict, ServiceUnavailable
-from broker.hot_sql import OutcomeUnknown
+from broker.errors import BrokerError, CommitUnconfirmed, Conflict, ServiceUnavailable
+from broker.hot_sql import DbSession, OutcomeUnknown, PooledDriver
 
 log = logging.getLogger("broker.db")
 
@@ -133,28 +135,59 @@ async def request_session(request: Request) -> AsyncIterator[AsyncSession]:
             yield session
             committing = True  # the handler returned
             await session.commit()
-    except IntegrityError:
-        raise Conflict(
-            "The change conflicts with data already stored; nothing was changed."
-        ) from None
     except DBAPIError as exc:
-        if isinstance(exc, OutcomeUnknown) or (committing and exc.connection_invalidated):
-            # COMMIT was sent and the connection died before its answer: the server may
-            # have committed. Saying "nothing was changed" could be false, so say so;
-            # no payload is sent either way (an unconfirmed disclosure over-reports in
-            # the ledger, it never under-reports).
-            log.warning("commit unconfirmed: connection lost: %s", type(exc.orig).__name__)
-            raise CommitUnconfirmed(
-                "The database connection was lost while committing: the change may or may "
-                "not have been stored. Check before retrying (for a disclosure, nothing "
-                "was sent; the survivor's accounting shows whether it was recorded)."
-            ) from None
-        # Connection loss, a refused write, a failed commit: the transaction is gone
-        # whole, so the honest answer is "not done, try again" and never a payload.
-        log.warning("database error, transaction rolled back: %s", type(exc.orig).__name__)
-        raise ServiceUnavailable(
-            "The database could not record the request; nothing was changed."
-        ) from None
+        raise _problem(exc, committing) from None
+
+
+@contextlib.asynccontextmanager
+async def driver_session(request: Request) -> AsyncIterator[DbSession]:
+    """For a ``@single_statement_writes`` route: a ``PooledDriver`` on PostgreSQL.
+
+    Every statement of such a route must be a ``HotStatement``. SQLite has no
+    round trips to save, so there the route gets ``request_session``. Errors become
+    problem responses as there. A connection that saw anything but a clean finish or
+    a refusal of the broker's own (``BrokerError``) is dropped, not pooled: a
+    statement may still be in flight on it.
+    """
+    rt = request.app.state.runtime
+    if rt.autocommit_engine is rt.engine:
+        async with request_session(request) as session:
+            yield session
+        return
+    driver = PooledDriver(rt.autocommit_engine)
+    try:
+        yield driver
+    except DBAPIError as exc:
+        await driver.reconnect()
+        raise _problem(exc, committing=False) from None
+    except BrokerError:
+        await driver.commit()
+        raise
+    except BaseException:
+        await driver.reconnect()
+        raise
+    await driver.commit()
+
+
+def _problem(exc: DBAPIError, committing: bool) -> BrokerError:
+    """The problem response for a database error that ended a request."""
+    if isinstance(exc, IntegrityError):
+        return Conflict("The change conflicts with data already stored; nothing was changed.")
+    if isinstance(exc, OutcomeUnknown) or (committing and exc.connection_invalidated):
+        # COMMIT was sent and the connection died before its answer: the server may
+        # have committed. Saying "nothing was changed" could be false, so say so;
+        # no payload is sent either way (an unconfirmed disclosure over-reports in
+        # the ledger, it never under-reports).
+        log.warning("commit unconfirmed: connection lost: %s", type(exc.orig).__name__)
+        return CommitUnconfirmed(
+            "The database connection was lost while committing: the change may or may "
+            "not have been stored. Check before retrying (for a disclosure, nothing "
+            "was sent; the survivor's accounting shows whether it was recorded)."
+        )
+    # Connection loss, a refused write, a failed commit: the transaction is gone
+    # whole, so the honest answer is "not done, try again" and never a payload.
+    log.warning("database error, transaction rolled back: %s", type(exc.orig).__name__)
+    return ServiceUnavailable("The database could not record the request; nothing was changed.")
 
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:

@@ -460,3 +460,5 @@ async def test_caller_standing_is_checked_before_anything_is_recorded(
         )
         head = await session.get(ConsentGrant, grant["id"])
         assert head is not None and head.uses == 1
+    # The refusal handed its connection back to the pool (PostgreSQL: a pooled driver).
+    assert world.rt.autocommit_engine.sync_engine.pool.checkedout() == 0

@@ -20,9 +20,9 @@ from sqlalchemy.pool import QueuePool
 from starlette.requests import Request
 
 from broker.consent.endpoints import revoke_consent
-from broker.db import _wants_autocommit
+from broker.db import _wants_autocommit, make_engine
 from broker.disclosure.endpoints import disclose
-from broker.hot_sql import HotStatement, OutcomeUnknown, session_driver
+from broker.hot_sql import HotStatement, OutcomeUnknown, PooledDriver, session_driver
 from broker.models import Disclosure
 from broker.runtime import Runtime, build_runtime
 from tests.conftest import PG_ADMIN_DSN
@@ -326,3 +326,80 @@ async def test_pool_sizes_come_from_settings(world: object) -> None:
                 assert pool.size() == 3 and pool._max_overflow == 2
     finally:
         await rt.aclose()
+
+
+# --------------------------------------------------------------------------- PooledDriver
+
+
+@pytest.mark.postgres_only
+async def test_a_pooled_driver_hands_its_connection_back(world: object) -> None:
+    """A connection is taken at the first statement and returned by ``commit()``."""
+    rt = _rt(world)
+    pool = rt.autocommit_engine.sync_engine.pool
+    before = pool.checkedout()
+    db = PooledDriver(rt.autocommit_engine)
+    assert await _ROW.rows(db, {"id": "none"}) == []
+    assert pool.checkedout() == before + 1
+    await db.commit()
+    assert pool.checkedout() == before
+    assert await _ROW.rows(db, {"id": "none"}) == []  # the next statement takes one again
+    await db.reconnect()  # dropped, not pooled
+    assert pool.checkedout() == before
+
+
+@pytest.mark.postgres_only
+@pytest.mark.parametrize("statement", ["read", "write"])
+async def test_a_pooled_driver_runs_a_locally_refused_statement_again(
+    world: object, statement: str
+) -> None:
+    """As for an autocommit session: nothing is lost, so a statement the driver refused
+    before sending runs once more on a new connection."""
+    rt = _rt(world)
+    row = _disclosure()
+    db = PooledDriver(rt.autocommit_engine)
+    first = await db.driver()
+    first.terminate()
+    if statement == "read":
+        assert await _ROW.rows(db, {"id": row["id"]}) == []
+    else:
+        assert await _INSERT_WRITE.affected(db, row) == 1
+    again = await db.driver()
+    assert again is not first and not again.is_closed()
+    await db.commit()
+    async with rt.sessionmaker() as session, session.begin():
+        found = await _ROW.rows(session, {"id": row["id"]})
+    assert len(found) == (1 if statement == "write" else 0)
+
+
+@pytest.mark.postgres_only
+async def test_a_pooled_driver_write_lost_in_flight_is_an_unknown_outcome(world: object) -> None:
+    rt = _rt(world)
+    row = _disclosure()
+    async with rt.sessionmaker() as session, session.begin():
+        await _INSERT.affected(session, row)
+    dbname = rt.engine.url.database
+    assert dbname is not None
+    db = PooledDriver(rt.autocommit_engine)
+    killer = asyncio.create_task(_kill_when_sleeping(dbname))
+    try:
+        with pytest.raises(OutcomeUnknown):
+            await _SLOW_BUMP.affected(db, {"key": row["id"]})
+    finally:
+        assert await killer == 1
+        await db.reconnect()
+
+
+@pytest.mark.postgres_only
+async def test_a_pooled_driver_that_cannot_connect_raises_sqlalchemys_error(
+    world: object,
+) -> None:
+    """A raw checkout raises the driver's own errors; they must reach ``broker.db`` as
+    SQLAlchemy's, which answers 503 (not 500)."""
+    rt = _rt(world)
+    url = rt.autocommit_engine.url.set(database="broker_no_such_database")
+    engine = make_engine(url.render_as_string(hide_password=False), autocommit=True)
+    try:
+        with pytest.raises(DBAPIError):
+            await PooledDriver(engine).driver()
+    finally:
+        await engine.dispose()

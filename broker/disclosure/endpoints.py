@@ -19,7 +19,7 @@ from broker.auth.dependencies import (
     require,
 )
 from broker.auth.roles import Principal, Role
-from broker.db import SessionDep, request_session, single_statement_writes
+from broker.db import SessionDep, driver_session, single_statement_writes
 from broker.disclosure import accounting, audit, records
 from broker.disclosure.schemas import (
     Accounting,
@@ -67,7 +67,7 @@ async def disclose(body: DisclosureCreate, request: Request) -> Response:
     (``repository.resolve``); the decision is committed before any answer is sent.
     """
     caller = authorize(bearer_principal(request), _DISCLOSERS, "disclosures:request")
-    async with request_session(request) as session:
+    async with driver_session(request) as session:
         outcome = await request_disclosure(session, request.app.state.runtime, caller, body)
     media = "application/json" if outcome.status == 200 else PROBLEM_MEDIA_TYPE
     return Response(orjson.dumps(outcome.body), status_code=outcome.status, media_type=media)

@@ -38,7 +38,7 @@ from sqlalchemy.sql.selectable import TableValuedAlias
 from broker.auth.roles import Principal
 from broker.auth.standing import STANDING, require_standing
 from broker.disclosure.decision import GrantView
-from broker.hot_sql import HotStatement, session_driver
+from broker.hot_sql import DbSession, HotStatement, session_driver
 from broker.models import (
     Agency,
     ConsentGrant,
@@ -196,7 +196,7 @@ _RESOLVE = HotStatement(
 
 
 async def resolve(
-    session: AsyncSession, caller: Principal, subject_ref: str, category: str
+    session: DbSession, caller: Principal, subject_ref: str, category: str
 ) -> Resolved:
     """Subject by the requester's own reference, with every grant's latest version to it
     and the agencies a disclosure under any of them would involve.
@@ -303,7 +303,7 @@ _DECISION_PG = HotStatement(_decision_statement(), writes=True)
 
 
 async def store_decision(
-    session: AsyncSession,
+    session: DbSession,
     pending: dict[str, Any],
     disclosure: dict[str, Any],
     use: GrantView | None = None,
@@ -327,6 +327,7 @@ async def store_decision(
         return await _DECISION_PG.affected(session, params) == 1
     if use is not None and await _TAKE_USE.affected(session, grant) != 1:
         return False
+    assert isinstance(session, AsyncSession)  # a PooledDriver is PostgreSQL's
     conn = await session.connection()
     await conn.execute(_INSERT_PENDING, pending)
     await conn.execute(_INSERT_DISCLOSURE, disclosure)

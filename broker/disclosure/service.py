@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from broker.auth.roles import Principal
 from broker.crypto.commitment import reference_commitment
 from broker.crypto.datakeys import RecordUnreadable
@@ -24,6 +22,7 @@ from broker.disclosure import repository
 from broker.disclosure.decision import Denied, DisclosureRequest, GrantView, Permit, decide
 from broker.disclosure.schemas import DisclosureCreate
 from broker.errors import PROBLEM_BASE, BrokerError, InvalidRequest, NotPermitted
+from broker.hot_sql import DbSession
 from broker.ledger.entries import pending_row
 from broker.runtime import Runtime
 from broker.sources.endpoint import SourceFailure, fetch_record
@@ -65,7 +64,7 @@ def _requested_fields(rt: Runtime, data: DisclosureCreate) -> frozenset[str] | N
 
 
 async def request_disclosure(
-    session: AsyncSession, rt: Runtime, caller: Principal, data: DisclosureCreate
+    session: DbSession, rt: Runtime, caller: Principal, data: DisclosureCreate
 ) -> Outcome:
     """Decide, fetch, seal and record one request of an authorised ``caller``.
 
@@ -88,7 +87,7 @@ async def request_disclosure(
 
 @dataclass
 class _Context:
-    session: AsyncSession
+    session: DbSession
     rt: Runtime
     caller: Principal
     data: DisclosureCreate
