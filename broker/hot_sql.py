@@ -67,8 +67,7 @@ class PooledDriver:
         """Drop the connection (closed, not pooled); the next statement takes a new one."""
         pooled, self._pooled = self._pooled, None
         if pooled is not None:
-            with contextlib.suppress(Exception):  # a dead connection may fail to close
-                await greenlet_spawn(pooled.invalidate)
+            await _drop(pooled)
 
     async def commit(self) -> None:
         """Hand the connection back to the pool: each statement committed on its own.
@@ -81,8 +80,13 @@ class PooledDriver:
             try:
                 await greenlet_spawn(pooled.close)
             except Exception:
-                with contextlib.suppress(Exception):
-                    await greenlet_spawn(pooled.invalidate)
+                await _drop(pooled)
+
+
+async def _drop(pooled: PoolProxiedConnection) -> None:
+    """Close a connection and keep it out of the pool; a dead one may fail to close."""
+    with contextlib.suppress(Exception):
+        await greenlet_spawn(pooled.invalidate)
 
 
 #: What hot-path statements run on: an ORM session, or (PostgreSQL) a pooled driver.
