@@ -3,8 +3,9 @@
 Sign-then-encrypt means only the recipient can read a disclosure, and after
 decrypting it can still prove to anyone that the broker released exactly these
 claims. Everything is standard compact JOSE (ES256 inside ECDH-ES+A256KW/A256GCM)
-so agencies can use any JOSE library. This runs on every disclosure, so registries
-are built once and recipient keys are imported once (see ``jwks.public_key_from_jwk``).
+so agencies can use any JOSE library. This runs on every disclosure, so recipient
+keys are imported once (see ``jwks.public_key_from_jwk``) and the two tokens are
+written by ``compact`` straight over ``cryptography``; reading stays with joserfc.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from joserfc.jwe import JWERegistry
 from joserfc.jwk import ECKey, GuestProtocol, JWKRegistry, Key, OKPKey
 from joserfc.jws import JWSRegistry
 
+from broker.crypto.compact import ecdh_es_a256kw, es256
 from broker.crypto.jwks import ENC_ALG, public_key_from_jwk, select_encryption_key
 
 __all__ = [
@@ -60,11 +62,12 @@ def sign_claims(claims: Mapping[str, Any], key: ECKey, *, typ: str = "JWT") -> s
     ``typ`` lets callers give other signed objects (e.g. webhook notices) their own
     type, so one kind of token cannot be passed off as another.
     """
-    if not isinstance(key, ECKey) or not key.is_private or key.curve_name != "P-256":
+    private = key.private_key if isinstance(key, ECKey) and key.is_private else None
+    if private is None or key.curve_name != "P-256":
         raise TypeError("sign_claims needs a private EC P-256 key")
     key.ensure_kid()
     header = {"alg": SIG_ALG, "typ": typ, "kid": key.kid}
-    return jws.serialize_compact(header, _dumps(claims), key, registry=_JWS_REGISTRY)
+    return es256(header, _dumps(claims), private)
 
 
 def seal_payload(
@@ -76,9 +79,8 @@ def seal_payload(
     """
     kid, key = select_encryption_key(recipient_jwks)
     header = {"alg": ENC_ALG, "enc": CONTENT_ENC, "cty": "JWT", "kid": kid}
-    return jwe.encrypt_compact(
-        header, sign_claims(claims, signing_key), key, registry=_JWE_REGISTRY
-    )
+    inner = sign_claims(claims, signing_key).encode("ascii")
+    return ecdh_es_a256kw(header, inner, key.public_key)
 
 
 def _import_recipient_private(jwk: Mapping[str, Any]) -> ECKey | OKPKey:

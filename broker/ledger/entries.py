@@ -25,8 +25,13 @@ _INSERT = insert(LedgerPending)
 
 
 def iso_now(now: datetime | None = None) -> str:
+    """UTC to the millisecond (truncated), as ``2026-12-01T03:11:23.197Z``.
+
+    ``isoformat`` rather than ``strftime``: libc's strftime re-reads the time zone
+    on every call, and this runs for every ledger entry.
+    """
     now = now or datetime.now(UTC)
-    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+    return now.astimezone(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def actor_of(principal: Principal | None) -> dict[str, str] | None:

@@ -1,14 +1,15 @@
-"""The ledger's fast canonical JSON is byte-identical to RFC 8785 (the rfc8785 package)."""
+"""The ledger's fast canonical JSON is byte-identical to RFC 8785; its timestamps are UTC."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import rfc8785
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.ledger.entries import canonical_body
+from broker.ledger.entries import canonical_body, iso_now
 
 MAX = 2**53 - 1
 values = st.recursive(
@@ -45,3 +46,11 @@ def test_typical_entry_takes_the_fast_path_and_matches() -> None:
         "payload_sha256": None,
     }
     assert canonical_body(body) == rfc8785.dumps(body).decode()
+
+
+# From year 1000: glibc's %Y does not pad, and strftime is only the reference here.
+@given(st.datetimes(min_value=datetime(1000, 1, 1), timezones=st.timezones()))
+def test_iso_now_is_utc_to_the_truncated_millisecond(at: datetime) -> None:
+    text = iso_now(at)
+    utc = at.astimezone(UTC)
+    assert text == utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
