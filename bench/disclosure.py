@@ -27,7 +27,7 @@ import orjson
 
 from bench import infra
 from bench.load import LoadFigures, LoadParams, loadgen, measure, profile
-from bench.loadgen import Plan
+from bench.loadgen import Mode, Plan
 from bench.report import Row, ms, verdict_at_least, verdict_at_most
 from bench.world import (
     Credential,
@@ -302,17 +302,20 @@ def broker_rows(
             )
             rows += _rows(label, figures, base, backend == "postgresql", cfg.workers)
             if cfg.profile_dir is not None and backend == "postgresql":
-                out = cfg.profile_dir / f"profile-{source.replace(' ', '-')}.txt"
-                progress(f"{label}: py-spy profile of one worker -> {out}")
-                if not profile(
-                    setup.server,
-                    "/v1/disclosures",
-                    bodies,
-                    _bearer(url, setup.world.clients[requester])(),
-                    cfg.load,
-                    out,
-                ):
-                    progress("no profile: install py-spy (.venv/bin/pip install py-spy)")
+                modes: tuple[tuple[Mode, str], ...] = (("closed", ""), ("sequential", "-unloaded"))
+                for mode, suffix in modes:
+                    out = cfg.profile_dir / f"profile-{source.replace(' ', '-')}{suffix}.txt"
+                    progress(f"{label}: py-spy profile of one worker ({mode}) -> {out}")
+                    if not profile(
+                        setup.server,
+                        "/v1/disclosures",
+                        bodies,
+                        _bearer(url, setup.world.clients[requester])(),
+                        cfg.load,
+                        out,
+                        mode,
+                    ):
+                        progress("no profile: install py-spy (.venv/bin/pip install py-spy)")
         hwm = max(infra.rss_mb(pid)[0] for pid in setup.server.worker_pids())
         rss = max(infra.rss_mb(pid)[1] for pid in setup.server.worker_pids())
         rows.append(

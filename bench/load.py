@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.infra import REPO, Server, cpu_seconds
-from bench.loadgen import Plan, Result
+from bench.loadgen import Mode, Plan, Result
 
 
 @dataclass(frozen=True)
@@ -129,8 +129,13 @@ def profile(
     headers: dict[str, str],
     params: LoadParams,
     out: Path,
+    mode: Mode = "closed",
 ) -> Path | None:
-    """Sample one broker worker with py-spy under closed-loop load (not a measured phase)."""
+    """Sample one broker worker with py-spy under load (not a measured phase).
+
+    ``closed`` is the peak load; ``sequential`` one request at a time, where the
+    worker's CPU per request is higher than at peak and the latency target applies.
+    """
     py_spy = Path(sys.executable).parent / "py-spy"
     if not py_spy.exists():
         return None
@@ -150,8 +155,8 @@ def profile(
                 path=path,
                 bodies=bodies,
                 headers=headers,
-                mode="closed",
-                concurrency=params.concurrency,
+                mode=mode,
+                concurrency=params.concurrency if mode == "closed" else 1,
                 duration=seconds + 2,
                 warmup=0,
                 max_requests=params.max_requests,

@@ -23,7 +23,7 @@ from broker.ledger.checkpoint import open_checkpoint
 from broker.ledger.merkle import StreamingTree, leaf_hash, verify_consistency, verify_inclusion
 from broker.ledger.sequencer import integrate_until_empty
 from broker.ledger.verify import canonical_json, verify_export
-from broker.models import LedgerCheckpoint, LedgerEntry, LedgerPending
+from broker.models import Agency, LedgerCheckpoint, LedgerEntry, LedgerPending
 from tests.support import World, attestation, consent_body
 from tests.test_disclosure import SECRET_VALUES, SHELTER_RECORD, _ask, _setup
 
@@ -379,6 +379,25 @@ async def test_no_personal_data_in_any_entry_type(world: World) -> None:
     for entry_type, body in rows:
         for secret in secrets:
             assert secret not in body, (entry_type, secret)
+
+
+async def test_every_agency_has_its_registration_entry(world: World) -> None:
+    """Agencies registered over the API and the operators' agency made from the shell."""
+    await _setup(world)
+    await integrate_until_empty(world.rt)
+    async with world.rt.sessionmaker() as session:
+        agencies = set((await session.execute(select(Agency.id))).scalars())
+        rows = (
+            await session.execute(
+                select(LedgerEntry.agency_id, LedgerEntry.body).where(
+                    LedgerEntry.entry_type == "agency.registered"
+                )
+            )
+        ).all()
+    assert world.ops_agency_id in agencies and len(agencies) > 1
+    assert sorted(agency_id for agency_id, _ in rows) == sorted(agencies)
+    ops = next(json.loads(body) for agency_id, body in rows if agency_id == world.ops_agency_id)
+    assert ops["actor"] is None and ops["kind"] == "oversight" and ops["key_ids"] == []
 
 
 async def test_two_runtimes_in_one_process_keep_separate_trees(

@@ -48,6 +48,14 @@ async def register_agency(
             data.webhook_url, what="webhook_url", allow_plain_http=allow_http
         ),
     )
+    await _register(session, rt, actor, agency)
+    return agency
+
+
+async def _register(
+    session: AsyncSession, rt: Runtime, actor: Principal | None, agency: Agency
+) -> None:
+    """Store a new agency and its ``agency.registered`` entry, in the caller's transaction."""
     session.add(agency)
     await session.flush()
     await append_entry(
@@ -58,7 +66,6 @@ async def register_agency(
         agency_id=agency.id,
         fields={"kind": agency.kind, "key_ids": [k["kid"] for k in agency.encryption_jwks["keys"]]},
     )
-    return agency
 
 
 async def update_agency(
@@ -136,12 +143,17 @@ async def issue_operator_client(
     """A credential issued from the shell, where no API caller exists yet.
 
     Without ``agency_id`` it goes to a new oversight agency, ``agency_name``, that
-    holds the broker's own operators (the first admin; demo and bench callers).
+    holds the broker's own operators (the first admin; demo and bench callers). Its
+    ``agency.registered`` entry has no actor: the shell is not an API principal.
     """
     if agency_id is None:
-        ops = Agency(name=agency_name, kind="oversight", encryption_jwks={"keys": []})
-        session.add(ops)
-        await session.flush()
+        ops = Agency(
+            name=printable(agency_name, what="name", max_len=200),
+            kind="oversight",
+            status="active",
+            encryption_jwks={"keys": []},
+        )
+        await _register(session, rt, None, ops)
         agency_id = ops.id
     data = ClientCreate(agency_id=agency_id, role=role, name=name, jwks=jwks)
     return await issue_client(session, rt, None, data)
