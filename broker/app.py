@@ -16,6 +16,7 @@ from broker.agencies.endpoints import router as agencies_router
 from broker.auth.endpoints import router as auth_router
 from broker.consent.endpoints import router as consent_router
 from broker.disclosure.endpoints import router as disclosure_router
+from broker.disclosure.fast_path import DisclosureFastPath
 from broker.errors import PROBLEM_SCHEMA, install_error_handlers
 from broker.ledger.endpoints import router as ledger_router
 from broker.middleware import BodyLimitMiddleware
@@ -55,9 +56,20 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         description="Shares a survivor's data between agencies only as far as she consented, "
         "and proves afterwards what was shared.",
         lifespan=lifespan,
+        # FastAPI's own OpenTelemetry hooks would record paths with survivors' ids and
+        # exception messages wherever a global provider points; the broker logs
+        # nothing personal, so they stay off whatever the environment says.
+        telemetry={
+            "tracing": False,
+            "metrics": False,
+            "logs": False,
+            "operation_spans": False,
+            "auto_configure": False,
+        },
     )
     app.state.runtime = rt
     install_error_handlers(app)
+    app.add_middleware(DisclosureFastPath)  # inside the body limit (added last = outermost)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     # Routes are matched in order: the disclosure router, the busiest, comes first.
     # No two routers share a path shape, so the order changes nothing else.

@@ -19,6 +19,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, TypeVar
 
+import orjson
 from fastapi import Depends, Request
 from sqlalchemy import event
 from sqlalchemy.engine.interfaces import DBAPIConnection
@@ -48,7 +49,11 @@ def _sqlite_on_connect(dbapi_conn: DBAPIConnection, _: ConnectionPoolEntry) -> N
 
 
 def make_engine(database_url: str, *, autocommit: bool = False, **kwargs: Any) -> AsyncEngine:
-    """An engine; ``autocommit`` (PostgreSQL only) runs every statement on its own."""
+    """An engine; ``autocommit`` (PostgreSQL only) runs every statement on its own.
+
+    JSON columns are read with orjson: grants and key sets are read on every disclosure.
+    """
+    kwargs.setdefault("json_deserializer", orjson.loads)
     if database_url.startswith("sqlite"):
         if autocommit:
             raise ValueError("autocommit engines are for PostgreSQL; SQLite has no round trips")

@@ -144,6 +144,18 @@ def problem_response(
     )
 
 
+def broker_error_response(exc: BrokerError) -> Response:
+    """The problem response of a ``BrokerError``, with the headers its kind calls for."""
+    headers = (
+        {"WWW-Authenticate": 'Bearer error="invalid_token"'} if exc.status_code == 401 else None
+    )
+    if isinstance(exc, OAuthError):
+        headers = {"Cache-Control": "no-store"}
+    if "retry_after" in exc.extra:
+        headers = {"Retry-After": str(exc.extra["retry_after"])}
+    return problem_response(exc.status_code, exc.to_problem(), headers)
+
+
 def error_responses(*errors: type[BrokerError]) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses=`` entries for the errors a route may raise."""
     out: dict[int | str, dict[str, Any]] = {}
@@ -179,14 +191,7 @@ def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BrokerError)
     async def _broker_error(_: Request, exc: BrokerError) -> Response:
-        headers = (
-            {"WWW-Authenticate": 'Bearer error="invalid_token"'} if exc.status_code == 401 else None
-        )
-        if isinstance(exc, OAuthError):
-            headers = {"Cache-Control": "no-store"}
-        if "retry_after" in exc.extra:
-            headers = {"Retry-After": str(exc.extra["retry_after"])}
-        return problem_response(exc.status_code, exc.to_problem(), headers)
+        return broker_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> Response:

@@ -9,6 +9,7 @@ import asyncio
 import time
 from typing import Any
 
+import orjson
 import pytest
 from jwcrypto import jwe as jw_jwe
 from jwcrypto import jwk as jw_jwk
@@ -16,6 +17,8 @@ from jwcrypto import jws as jw_jws
 from sqlalchemy import func, select, text
 
 from broker.crypto.payload import PayloadInvalid, open_payload
+from broker.disclosure.fast_path import DisclosureFastPath
+from broker.middleware import BodyLimitMiddleware
 from broker.models import ConsentGrant, Disclosure, HeldRecord, LedgerPending
 from tests.support import Story, World, attestation, consent_body, in_days, story_one
 
@@ -68,6 +71,39 @@ def _ask(fields: list[str] | None = None, **over: Any) -> dict[str, Any]:
 
 async def _jwks(world: World) -> dict[str, Any]:
     return dict((await world.http.get("/.well-known/jwks.json")).json())
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/json", "Application/JSON; charset=utf-8", "application/vnd.example+json"],
+    ids=["fast-path", "fast-path-charset", "fastapi-route"],
+)
+async def test_both_ways_in_disclose_alike(world: World, content_type: str) -> None:
+    """An application/json body is served before FastAPI routes it; FastAPI's documented
+    route serves other JSON types. Same answer, same records, same errors either way."""
+    # Outermost first: the body limit and security headers wrap the fast path too.
+    assert [m.cls for m in world.app.user_middleware] == [BodyLimitMiddleware, DisclosureFastPath]
+    s, grant = await _setup(world)
+    headers = {"Content-Type": content_type}
+    body = orjson.dumps(_ask(["intake_date", "bed_status", "shelter_location"]))
+    resp = await s.officer.post("/v1/disclosures", content=body, headers=headers)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["cache-control"] == "no-store"
+    answer = resp.json()
+    assert answer["fields_disclosed"] == ["bed_status", "intake_date"]
+    claims = open_payload(answer["payload"], s.police.enc_private, await _jwks(world))
+    assert claims["data"] == {"intake_date": "2024-03-02", "bed_status": "assigned"}
+    async with world.rt.sessionmaker() as session:
+        row = await session.get(Disclosure, answer["disclosure_id"])
+    assert row is not None and row.outcome == "permitted" and row.grant_id == grant["id"]
+
+    bad = orjson.dumps(_ask(fields=["intake_date", 3]))
+    refused = await s.officer.post("/v1/disclosures", content=bad, headers=headers)
+    assert refused.status_code == 422, refused.text
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert [e["loc"] for e in refused.json()["errors"]] == [["body", "fields", "1"]]
+    untyped = await s.officer.post("/v1/disclosures", content=body)  # no content type
+    assert untyped.status_code == 422, untyped.text
 
 
 async def test_story_one_disclosure(world: World) -> None:

@@ -61,6 +61,13 @@ Depositor = Annotated[Principal, Depends(require(Role.agency, scope="records:dep
 )
 @single_statement_writes  # on PostgreSQL the decision is written by one statement
 async def disclose(body: DisclosureCreate, request: Request) -> Response:
+    """Well-formed JSON requests are served by ``fast_path`` before FastAPI routes them;
+    this route answers the rest, so its validation errors are the documented ones.
+    """
+    return await serve_disclosure(request, body)
+
+
+async def serve_disclosure(request: Request, body: DisclosureCreate) -> Response:
     """The session and the caller are plain calls here, not dependencies: on this, the
     busiest route, FastAPI's dependency solving cost a tenth of the CPU. The token and
     role are checked first; the caller's standing by the service's first statement
