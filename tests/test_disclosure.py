@@ -6,11 +6,14 @@ Each test maps to an invariant of DESIGN.md §3; all run on SQLite and PostgreSQ
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jwcrypto import jwe as jw_jwe
 from jwcrypto import jwk as jw_jwk
 from jwcrypto import jws as jw_jws
@@ -104,6 +107,56 @@ async def test_both_ways_in_disclose_alike(world: World, content_type: str) -> N
     assert [e["loc"] for e in refused.json()["errors"]] == [["body", "fields", "1"]]
     untyped = await s.officer.post("/v1/disclosures", content=body)  # no content type
     assert untyped.status_code == 422, untyped.text
+
+
+def _bodies(count: int) -> list[bytes]:
+    """Request bodies from nearly valid to garbage, drawn by hypothesis (fixed seed)."""
+    text = st.text(max_size=140)
+    ask = st.fixed_dictionaries(
+        {
+            "subject_ref": text,
+            "category": st.sampled_from(["shelter", "legal_aid", "medical"]) | text,
+            "purpose": st.sampled_from(["safety_planning"]) | text,
+        },
+        optional={
+            "fields": st.none() | st.lists(text | st.integers(), max_size=4),
+            "extra": st.integers(),
+        },
+    )
+    json_value = st.recursive(
+        st.none() | st.booleans() | st.integers() | text,
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3),
+        max_leaves=8,
+    )
+    as_json = st.booleans()
+    body = st.builds(
+        lambda value, ascii_only: json.dumps(value, ensure_ascii=ascii_only).encode(),
+        ask | json_value,
+        as_json,
+    ) | st.binary(max_size=64)
+    drawn: list[bytes] = []
+
+    @settings(max_examples=count, database=None, derandomize=True, deadline=None)
+    @given(body)
+    def draw(one: bytes) -> None:
+        drawn.append(one)
+
+    draw()
+    return drawn
+
+
+async def test_fast_path_and_route_refuse_alike(world: World) -> None:
+    """Differential: the same body as application/json (the fast path) and as another
+    JSON type (FastAPI's route) gets the same status and the same problem."""
+    for body in _bodies(120):
+        answers = []
+        for content_type in ("application/json", "application/vnd.example+json"):
+            resp = await world.http.post(
+                "/v1/disclosures", content=body, headers={"Content-Type": content_type}
+            )
+            assert resp.status_code in (401, 422), (body, resp.text)
+            answers.append((resp.status_code, resp.json()))
+        assert answers[0] == answers[1], body
 
 
 async def test_story_one_disclosure(world: World) -> None:
