@@ -61,6 +61,20 @@ def cmd_keys_init(_: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    from broker.crypto.keystore import RETIRED_DIR, rotate_signing_key
+
+    settings = _settings()
+    retired, new = rotate_signing_key(settings.key_dir, args.which)
+    print(f"{args.which} signing key rotated: new kid {new}")
+    print(
+        f"the retired key {retired} stays published from {settings.key_dir / RETIRED_DIR}; "
+        "restart every broker process to sign with the new key",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_keys_generate(args: argparse.Namespace) -> int:
     from broker.crypto.keystore import generate_agency_keys
 
@@ -150,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("keys", help="key management").add_subparsers(dest="keys_cmd", required=True)
     ki = k.add_parser("init", help="create the broker's own keys in BROKER_KEY_DIR")
     ki.set_defaults(func=cmd_keys_init)
+    kr = k.add_parser(
+        "rotate",
+        help="replace the broker's token or payload signing key; the old one's public "
+        "half stays published so what it signed still verifies",
+    )
+    kr.add_argument("which", choices=["token", "payload"])
+    kr.set_defaults(func=cmd_keys_rotate)
     kg = k.add_parser("generate", help="make an agency's signing and encryption key pairs")
     kg.add_argument("--out", required=True)
     kg.add_argument("--name", default="agency")

@@ -134,3 +134,28 @@ def test_production_refuses_to_start_without_keys(tmp_path: Path) -> None:
     )
     assert done.returncode != 0
     assert "broker keys init" in done.stderr
+
+
+def test_keys_rotate_from_the_shell(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "BROKER_ENVIRONMENT": "production",
+        "BROKER_KEY_DIR": str(tmp_path / "keys"),
+        "BROKER_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/x.db",
+    }
+
+    def broker(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(  # noqa: S603
+            [str(BIN / "broker"), *args], env=env, capture_output=True, text=True, check=False
+        )
+
+    missing = broker("keys", "rotate", "payload")
+    assert missing.returncode != 0 and "broker keys init" in missing.stderr
+    assert broker("keys", "init").returncode == 0
+    rotated = broker("keys", "rotate", "payload")
+    assert rotated.returncode == 0, rotated.stderr
+    assert rotated.stdout.startswith("payload signing key rotated: new kid ")
+    assert "restart every broker process" in rotated.stderr
+    assert len(list((tmp_path / "keys" / "retired").glob("payload-signing.*.jwk.json"))) == 1
+    refused = broker("keys", "rotate", "checkpoint")
+    assert refused.returncode == 2 and "invalid choice" in refused.stderr

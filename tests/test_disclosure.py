@@ -7,23 +7,30 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import time
+from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from joserfc import jwt
+from joserfc.jwk import ECKey
 from jwcrypto import jwe as jw_jwe
 from jwcrypto import jwk as jw_jwk
 from jwcrypto import jws as jw_jws
 from sqlalchemy import func, select, text
 
+from broker.app import create_app
+from broker.crypto.keystore import rotate_signing_key
 from broker.crypto.payload import PayloadInvalid, open_payload
 from broker.disclosure.fast_path import DisclosureFastPath
 from broker.middleware import BodyLimitMiddleware
 from broker.models import ConsentGrant, Disclosure, HeldRecord, LedgerPending
-from tests.support import Story, World, attestation, consent_body, in_days, story_one
+from tests.support import BASE_URL, Story, World, attestation, consent_body, in_days, story_one
 
 SHELTER_RECORD = {
     "intake_date": "2024-03-02",
@@ -157,6 +164,54 @@ async def test_fast_path_and_route_refuse_alike(world: World) -> None:
             assert resp.status_code in (401, 422), (body, resp.text)
             answers.append((resp.status_code, resp.json()))
         assert answers[0] == answers[1], body
+
+
+async def test_after_a_key_rotation_old_tokens_and_payloads_stay_valid(
+    world: World, tmp_path: Path
+) -> None:
+    """`broker keys rotate`, then a restart: a token issued before still works until it
+    expires, the new payload key signs, and an earlier payload still verifies."""
+    s, _ = await _setup(world)
+    earlier = await s.officer.post("/v1/disclosures", json=_ask())
+    assert earlier.status_code == 200, earlier.text
+    token = await s.officer.token()
+    old = world.rt.keys
+    keys = tmp_path / "rotated"
+    shutil.copytree(world.rt.settings.key_dir, keys)  # the session's folder stays as it is
+    rotate_signing_key(keys, "token")
+    rotate_signing_key(keys, "payload")
+
+    restarted = create_app(world.rt.settings.model_copy(update={"key_dir": keys}))
+    transport = httpx.ASGITransport(app=restarted)
+    async with (
+        restarted.router.lifespan_context(restarted),
+        httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http,
+    ):
+        jwks = (await http.get("/.well-known/jwks.json")).json()
+        new = restarted.state.runtime.keys
+        assert [k["kid"] for k in jwks["keys"]] == [
+            new.token_signing.kid,
+            new.payload_signing.kid,
+            old.token_signing.kid,
+            old.payload_signing.kid,
+        ]
+        auth = {"Authorization": f"Bearer {token}"}
+        later = await http.post("/v1/disclosures", json=_ask(), headers=auth)
+        assert later.status_code == 200, later.text
+        current_only = {"keys": jwks["keys"][:2]}
+        assert open_payload(later.json()["payload"], s.police.enc_private, current_only)
+        assert open_payload(earlier.json()["payload"], s.police.enc_private, jwks)
+        with pytest.raises(PayloadInvalid):
+            open_payload(earlier.json()["payload"], s.police.enc_private, current_only)
+        forged = jwt.encode(
+            {"alg": "ES256", "typ": "at+jwt", "kid": "unknown"},
+            {"sub": "x"},
+            ECKey.generate_key("P-256", private=True),
+        )
+        refused = await http.post(
+            "/v1/disclosures", json=_ask(), headers={"Authorization": f"Bearer {forged}"}
+        )
+        assert refused.status_code == 401, refused.text
 
 
 async def test_story_one_disclosure(world: World) -> None:

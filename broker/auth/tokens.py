@@ -12,12 +12,13 @@ import hashlib
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from joserfc import jwt
 from joserfc.errors import JoseError
-from joserfc.jwk import ECKey
+from joserfc.jwk import ECKey, GuestProtocol
 
 from broker.auth.roles import ROLE_SCOPES, Principal, Role
 from broker.errors import Unauthenticated
@@ -53,10 +54,17 @@ def issue_access_token(
 
 
 class AccessTokenVerifier:
-    """Checks signature and claims once per token, then serves from a bounded cache."""
+    """Checks signature and claims once per token, then serves from a bounded cache.
 
-    def __init__(self, key: ECKey, issuer: str, max_entries: int = 50_000) -> None:
-        self._key = key
+    ``keys`` are the current token key and any retired ones (``broker keys rotate``):
+    a token names its key by ``kid``, so tokens issued before a rotation stay valid
+    until they expire. A token naming no known key is refused.
+    """
+
+    def __init__(self, keys: Sequence[ECKey], issuer: str, max_entries: int = 50_000) -> None:
+        if not keys:
+            raise ValueError("a verifier needs at least the current token key")
+        self._keys = {str(key.kid): key for key in keys}
         self._issuer = issuer
         self._cache: OrderedDict[bytes, Principal] = OrderedDict()
         self._max = max_entries
@@ -77,13 +85,16 @@ class AccessTokenVerifier:
 
     def _verify_uncached(self, token: str, now: datetime) -> Principal:
         try:
-            decoded = jwt.decode(token, self._key, algorithms=["ES256"])
-        except (JoseError, ValueError, TypeError):
+            decoded = jwt.decode(token, self._key_named, algorithms=["ES256"])
+        except (JoseError, ValueError, TypeError, KeyError):
             raise Unauthenticated("The access token is invalid.") from None
         header, claims = decoded.header, decoded.claims
         if header.get("typ") != ACCESS_TOKEN_TYP:
             raise Unauthenticated("The access token is invalid.")
         return _principal_from_claims(claims, self._issuer, now)
+
+    def _key_named(self, obj: GuestProtocol) -> ECKey:
+        return self._keys[obj.headers()["kid"]]  # KeyError: no such key (or no kid)
 
 
 def _principal_from_claims(claims: dict[str, Any], issuer: str, now: datetime) -> Principal:

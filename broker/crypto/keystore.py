@@ -17,6 +17,13 @@ misconfigured deployment from silently running with readable keys. Key files:
 
 Files are created with mode 0600 in a 0700 folder and refused when group/world
 accessible. JWK ``kid`` values are always the RFC 7638 thumbprint.
+
+The two ES256 keys can be rotated (``broker keys rotate token|payload``): the new
+private key replaces the file, and the old key's *public* half is kept as
+``retired/<token|payload>-signing.<kid>.jwk.json``, so what it signed (disclosure
+payloads an agency keeps, tokens still within their lifetime) still verifies
+against the published JWKS. The other three keys are not rotated here: old ledger
+checkpoints, subject commitments and wrapped data keys depend on them.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ __all__ = [
     "KeysMissing",
     "generate_agency_keys",
     "generate_p256_enc_keys",
+    "rotate_signing_key",
 ]
 
 TOKEN_SIGNING_FILE = "token-signing.jwk.json"  # noqa: S105 - a file name
@@ -61,6 +69,9 @@ BROKER_KEY_FILES = (
     SUBJECT_HMAC_FILE,
     RECORDS_KEK_FILE,
 )
+RETIRED_DIR = "retired"
+#: What ``rotate_signing_key`` rotates: the name on the command line, and the file.
+SIGNING_KEY_FILES: dict[str, str] = {"token": TOKEN_SIGNING_FILE, "payload": PAYLOAD_SIGNING_FILE}
 SECRET_BYTES = 32
 _MAX_KEY_FILE_BYTES = 16 * 1024
 _SIG_ALG = "ES256"
@@ -113,23 +124,29 @@ def _read_key_file(path: Path) -> bytes:
         os.close(fd)
 
 
+def _write_temp(path: Path, data: bytes, mode: int) -> Path:
+    """``data`` in a new, synced file beside ``path``, for linking or renaming into place."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(tmp, flags, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return tmp
+
+
 def _write_new_file(path: Path, data: bytes, mode: int = 0o600) -> bool:
     """Create ``path`` holding ``data`` with ``mode``; return False if it already exists.
 
     The content is written to a temporary O_EXCL file and hard-linked into place, so
     a reader never sees a half-written key and an existing file is never replaced.
     """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(tmp, flags, mode)
+    tmp = _write_temp(path, data, mode)
     try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
         try:
             os.link(tmp, path)
         except FileExistsError:
@@ -139,6 +156,17 @@ def _write_new_file(path: Path, data: bytes, mode: int = 0o600) -> bool:
             os.unlink(tmp)
     _fsync_dir(path.parent)
     return True
+
+
+def _replace_file(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Rename a new file holding ``data`` over ``path``: readers see old or new, never half."""
+    tmp = _write_temp(path, data, mode)
+    try:
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    _fsync_dir(path.parent)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -220,6 +248,9 @@ class BrokerKeys:
     checkpoint_signing: Ed25519PrivateKey
     subject_hmac: bytes
     records_kek: bytes
+    #: Public halves of rotated-out signing keys: they verify, they never sign.
+    retired_token: tuple[ECKey, ...] = ()
+    retired_payload: tuple[ECKey, ...] = ()
 
     def __repr__(self) -> str:
         # Only public identifiers: this object ends up in tracebacks and debug logs.
@@ -232,11 +263,24 @@ class BrokerKeys:
     __str__ = __repr__
 
     def public_jwks(self) -> dict[str, Any]:
-        """JWKS served to agencies: both ES256 signing keys, public members only."""
-        keys = [
-            dict(key.as_dict(private=False)) for key in (self.token_signing, self.payload_signing)
-        ]
-        return {"keys": keys}
+        """JWKS served to agencies: the two ES256 signing keys first, then retired ones.
+
+        Public members only; a kid appears once (a rotation cut short may leave the
+        current key's public half among the retired).
+        """
+        keys: dict[str, dict[str, Any]] = {}
+        for key in (
+            self.token_signing,
+            self.payload_signing,
+            *self.retired_token,
+            *self.retired_payload,
+        ):
+            keys.setdefault(str(key.kid), dict(key.as_dict(private=False)))
+        return {"keys": list(keys.values())}
+
+    def token_verification_keys(self) -> tuple[ECKey, ...]:
+        """The current token key and the retired ones whose tokens may still be live."""
+        return (self.token_signing, *self.retired_token)
 
     def checkpoint_public_key_pem(self) -> bytes:
         """Ed25519 checkpoint verification key (SubjectPublicKeyInfo PEM) for auditors."""
@@ -257,6 +301,8 @@ class BrokerKeys:
             checkpoint_signing=_load(key_dir / CHECKPOINT_FILE, _parse_checkpoint),
             subject_hmac=_load(key_dir / SUBJECT_HMAC_FILE, _decode_secret),
             records_kek=_load(key_dir / RECORDS_KEK_FILE, _decode_secret),
+            retired_token=_load_retired(key_dir, "token"),
+            retired_payload=_load_retired(key_dir, "payload"),
         )
 
     @classmethod
@@ -314,6 +360,63 @@ def _parse_ec_jwk(data: bytes) -> ECKey:
         return _ec_signing_key(jwk)
     except Exception:  # joserfc/cryptography errors may echo input; hide them
         raise ValueError("expected a private EC P-256 JWK") from None
+
+
+def _parse_public_ec_jwk(data: bytes) -> ECKey:
+    try:
+        jwk = orjson.loads(data)
+        if not isinstance(jwk, dict) or "d" in jwk:
+            raise TypeError
+        if jwk.get("kty") != "EC" or jwk.get("crv") != "P-256":
+            raise TypeError
+        public = {"kty": "EC", "crv": "P-256", "x": jwk["x"], "y": jwk["y"]}
+        params = {"kid": thumbprint(public), "use": "sig", "alg": _SIG_ALG}
+        return ECKey.import_key({**public, **params})
+    except Exception:  # joserfc/cryptography errors may echo input; hide them
+        raise ValueError("expected a public EC P-256 JWK") from None
+
+
+def _retired_name(which: str, kid: str) -> str:
+    return f"{which}-signing.{kid}.jwk.json"
+
+
+def _load_retired(key_dir: Path, which: str) -> tuple[ECKey, ...]:
+    """Retired public keys of ``which``, newest first; a file whose kid is not its name's
+    is refused, so a key cannot be slipped in under another key's file name."""
+    folder = key_dir / RETIRED_DIR
+    if not folder.is_dir():
+        return ()
+    found: list[tuple[float, ECKey]] = []
+    for path in folder.glob(f"{which}-signing.*.jwk.json"):
+        key = _load(path, _parse_public_ec_jwk)
+        if path.name != _retired_name(which, str(key.kid)):
+            raise ValueError(f"key file {path} does not hold the key its name gives")
+        found.append((path.stat().st_mtime, key))
+    return tuple(key for _, key in sorted(found, key=lambda item: -item[0]))
+
+
+def rotate_signing_key(key_dir: Path, which: str) -> tuple[str, str]:
+    """Replace the ``token`` or ``payload`` signing key; returns (retired kid, new kid).
+
+    The old key's public half is written to ``retired/`` before the new private key
+    replaces the file, so no crash can leave something signed by a key that is not
+    published. The old private key is gone afterwards: back the folder up first if
+    you must keep it. Running processes keep signing with the old key until restarted.
+    """
+    if which not in SIGNING_KEY_FILES:
+        raise ValueError(f"only {' and '.join(SIGNING_KEY_FILES)} signing keys are rotated")
+    key_dir = Path(key_dir)
+    path = key_dir / SIGNING_KEY_FILES[which]
+    if not path.exists():
+        raise KeysMissing(key_dir, [path.name])
+    old = _load(path, _parse_ec_jwk)
+    retired_dir = key_dir / RETIRED_DIR
+    _ensure_private_dir(retired_dir)
+    retired = retired_dir / _retired_name(which, str(old.kid))
+    _write_new_file(retired, _jwk_bytes(old, private=False))  # exists after a cut-short run
+    new = _new_ec_signing_key()
+    _replace_file(path, _jwk_bytes(new, private=True))
+    return str(old.kid), str(new.kid)
 
 
 def _parse_checkpoint(data: bytes) -> Ed25519PrivateKey:

@@ -1,4 +1,4 @@
-"""Broker key folder: file modes, round trips, refusals, and agency key generation."""
+"""Broker key folder: file modes, round trips, refusals, rotation, agency key generation."""
 
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ from broker.crypto.keystore import (
     KeysMissing,
     generate_agency_keys,
     generate_p256_enc_keys,
+    rotate_signing_key,
 )
+from broker.crypto.payload import PayloadInvalid, sign_claims, verify_signed
 
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
 
@@ -253,3 +255,93 @@ def test_agency_keys_refuse_overwrite(tmp_path: Path) -> None:
 def test_agency_keys_refuse_unsafe_names(tmp_path: Path, name: str) -> None:
     with pytest.raises(ValueError, match="name"):
         generate_agency_keys(tmp_path, name)
+
+
+# --------------------------------------------------------------------------- rotation
+
+
+@pytest.mark.parametrize("which", ["token", "payload"])
+def test_rotate_keeps_only_the_public_half_of_the_old_key(key_dir: Path, which: str) -> None:
+    before = BrokerKeys.generate(key_dir)
+    old_key = before.token_signing if which == "token" else before.payload_signing
+    retired_kid, new_kid = rotate_signing_key(key_dir, which)
+    assert retired_kid == old_key.kid and new_kid != retired_kid
+
+    after = BrokerKeys.load(key_dir)
+    current = after.token_signing if which == "token" else after.payload_signing
+    untouched = after.payload_signing if which == "token" else after.token_signing
+    assert current.kid == new_kid and current.is_private
+    assert (
+        untouched.kid == (before.payload_signing if which == "token" else before.token_signing).kid
+    )
+    retired = after.retired_token if which == "token" else after.retired_payload
+    assert [k.kid for k in retired] == [retired_kid] and not retired[0].is_private
+
+    retired_file = key_dir / "retired" / f"{which}-signing.{retired_kid}.jwk.json"
+    assert not PRIVATE_MEMBERS & orjson.loads(retired_file.read_bytes()).keys()
+    assert _mode(retired_file) == 0o600 and _mode(key_dir / "retired") == 0o700
+    for path in key_dir.rglob("*"):  # the old private scalar is nowhere on disk
+        if path.is_file():
+            assert old_key.as_dict(private=True)["d"].encode() not in path.read_bytes()
+
+    kids = [k["kid"] for k in after.public_jwks()["keys"]]
+    assert kids[:2] == [after.token_signing.kid, after.payload_signing.kid]
+    assert retired_kid in kids and len(kids) == len(set(kids)) == 3
+    verifiers = {k.kid for k in after.token_verification_keys()}
+    tokens_by = {new_kid, retired_kid} if which == "token" else {before.token_signing.kid}
+    assert verifiers == tokens_by
+
+
+def test_what_the_retired_payload_key_signed_still_verifies(key_dir: Path) -> None:
+    before = BrokerKeys.generate(key_dir)
+    notice = sign_claims({"event": "consent.revoked"}, before.payload_signing, typ="notice+jwt")
+    rotate_signing_key(key_dir, "payload")
+    rotate_signing_key(key_dir, "payload")
+    after = BrokerKeys.load(key_dir)
+    assert len(after.retired_payload) == 2
+    assert verify_signed(notice, after.public_jwks(), expected_typ="notice+jwt") == {
+        "event": "consent.revoked"
+    }
+    forged = sign_claims({"event": "x"}, ECKey.generate_key("P-256", private=True))
+    with pytest.raises(PayloadInvalid):
+        verify_signed(forged, after.public_jwks())
+
+
+def test_a_rotation_cut_short_publishes_the_key_once(key_dir: Path) -> None:
+    keys = BrokerKeys.generate(key_dir)
+    (key_dir / "retired").mkdir(mode=0o700)
+    # The retired copy was written, then the process died before replacing the file.
+    current = keys.payload_signing
+    path = key_dir / "retired" / f"payload-signing.{current.kid}.jwk.json"
+    path.write_bytes(orjson.dumps(current.as_dict(private=False)))
+    path.chmod(0o600)
+    kids = [k["kid"] for k in BrokerKeys.load(key_dir).public_jwks()["keys"]]
+    assert kids.count(current.kid) == 1 and len(kids) == 2
+    retired, new = rotate_signing_key(key_dir, "payload")  # and it can simply run again
+    assert retired == current.kid and BrokerKeys.load(key_dir).payload_signing.kid == new
+
+
+@pytest.mark.parametrize("content", ["private", "renamed"])
+def test_a_retired_file_that_is_not_what_it_says_is_refused(key_dir: Path, content: str) -> None:
+    BrokerKeys.generate(key_dir)
+    (key_dir / "retired").mkdir(mode=0o700)
+    other = ECKey.generate_key("P-256", private=True)
+    other.ensure_kid()
+    kid = other.kid if content == "private" else "not-its-thumbprint"
+    path = key_dir / "retired" / f"token-signing.{kid}.jwk.json"
+    path.write_bytes(orjson.dumps(other.as_dict(private=content == "private")))
+    path.chmod(0o600)
+    with pytest.raises(ValueError, match="token-signing"):
+        BrokerKeys.load(key_dir)
+
+
+@pytest.mark.parametrize("which", ["checkpoint", "records-kek", "subject-hmac"])
+def test_only_signing_keys_rotate(key_dir: Path, which: str) -> None:
+    BrokerKeys.generate(key_dir)
+    with pytest.raises(ValueError, match="only token and payload"):
+        rotate_signing_key(key_dir, which)
+
+
+def test_rotate_needs_the_key_it_replaces(key_dir: Path) -> None:
+    with pytest.raises(KeysMissing):
+        rotate_signing_key(key_dir, "token")
