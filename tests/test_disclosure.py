@@ -93,6 +93,7 @@ async def test_both_ways_in_disclose_alike(world: World, content_type: str) -> N
     route serves other JSON types. Same answer, same records, same errors either way."""
     # Outermost first: the body limit and security headers wrap the fast path too.
     assert [m.cls for m in world.app.user_middleware] == [BodyLimitMiddleware, DisclosureFastPath]
+    assert world.app.router.dependencies == []  # none the fast path would skip
     s, grant = await _setup(world)
     headers = {"Content-Type": content_type}
     body = orjson.dumps(_ask(["intake_date", "bed_status", "shelter_location"]))

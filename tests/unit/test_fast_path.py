@@ -100,3 +100,18 @@ async def test_everything_else_reaches_the_route_whole(
 async def test_a_client_gone_mid_body_gets_nothing_and_records_nothing() -> None:
     downstream, sent = await _call([VALID[:5], VALID[5:]], disconnect_after=1)
     assert downstream.bodies == [] and sent == []
+
+
+def test_the_documented_route_depends_on_nothing_the_fast_path_would_skip() -> None:
+    """The fast path calls ``serve_disclosure`` without FastAPI: a dependency added to
+    the route, its router or the app would run for some requests and not others."""
+    from fastapi.routing import APIRoute
+
+    from broker.disclosure.endpoints import router
+
+    (route,) = [r for r in router.routes if isinstance(r, APIRoute) and r.path == PATH]
+    assert route.methods == {"POST"}
+    assert router.dependencies == [] and route.dependencies == []
+    assert route.dependant.dependencies == []
+    assert [p.name for p in route.dependant.body_params] == ["body"]
+    assert route.dependant.request_param_name == "request"
