@@ -83,7 +83,9 @@ def build_runtime(settings: Settings) -> Runtime:
         sessionmaker=sessionmaker,
         autocommit_engine=autocommit_engine,
         autocommit_sessionmaker=autocommit_sessionmaker,
-        token_verifier=AccessTokenVerifier(keys.token_verification_keys(), settings.issuer),
+        token_verifier=AccessTokenVerifier(
+            keys.token_signing, settings.issuer, retired=keys.retired_token
+        ),
         http=http,
         limiter=RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst),
     )

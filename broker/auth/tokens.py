@@ -8,6 +8,7 @@ every request so a suspension acts at once.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 import uuid
@@ -21,9 +22,12 @@ from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, GuestProtocol
 
 from broker.auth.roles import ROLE_SCOPES, Principal, Role
+from broker.crypto.keystore import RetiredKey
 from broker.errors import Unauthenticated
 
 ACCESS_TOKEN_TYP = "at+jwt"  # noqa: S105 - RFC 9068 media type, not a secret
+#: No access token the broker issues lives longer (the settings' cap); none is accepted.
+MAX_TOKEN_LIFETIME = 900
 
 
 def issue_access_token(
@@ -56,15 +60,21 @@ def issue_access_token(
 class AccessTokenVerifier:
     """Checks signature and claims once per token, then serves from a bounded cache.
 
-    ``keys`` are the current token key and any retired ones (``broker keys rotate``):
-    a token names its key by ``kid``, so tokens issued before a rotation stay valid
-    until they expire. A token naming no known key is refused.
+    A token names its key by ``kid``: the current token key, or a ``retired`` one
+    (``broker keys rotate``) while it is still trusted, so tokens issued before a
+    rotation keep working until they expire. A token naming no such key is refused,
+    and one verified by a retired key is cached no longer than that key is trusted.
     """
 
-    def __init__(self, keys: Sequence[ECKey], issuer: str, max_entries: int = 50_000) -> None:
-        if not keys:
-            raise ValueError("a verifier needs at least the current token key")
-        self._keys = {str(key.kid): key for key in keys}
+    def __init__(
+        self,
+        key: ECKey,
+        issuer: str,
+        retired: Sequence[RetiredKey] = (),
+        max_entries: int = 50_000,
+    ) -> None:
+        self._key = key
+        self._retired = {str(r.key.kid): r for r in retired if r.key.kid != key.kid}
         self._issuer = issuer
         self._cache: OrderedDict[bytes, Principal] = OrderedDict()
         self._max = max_entries
@@ -91,10 +101,22 @@ class AccessTokenVerifier:
         header, claims = decoded.header, decoded.claims
         if header.get("typ") != ACCESS_TOKEN_TYP:
             raise Unauthenticated("The access token is invalid.")
-        return _principal_from_claims(claims, self._issuer, now)
+        principal = _principal_from_claims(claims, self._issuer, now)
+        retired = self._retired.get(header["kid"])
+        if retired is not None and retired.trusted_until is not None:
+            until = datetime.fromtimestamp(retired.trusted_until, UTC)
+            principal = dataclasses.replace(principal, expires_at=min(principal.expires_at, until))
+        return principal
 
     def _key_named(self, obj: GuestProtocol) -> ECKey:
-        return self._keys[obj.headers()["kid"]]  # KeyError: no such key (or no kid)
+        """The key the header's kid names; KeyError when none is (or no longer) trusted."""
+        kid = obj.headers()["kid"]
+        if kid == self._key.kid:
+            return self._key
+        retired = self._retired[kid]
+        if not retired.trusted(time.time()):
+            raise KeyError(kid)
+        return retired.key
 
 
 def _principal_from_claims(claims: dict[str, Any], issuer: str, now: datetime) -> Principal:
@@ -123,6 +145,8 @@ def _principal_from_claims(claims: dict[str, Any], issuer: str, now: datetime) -
         raise Unauthenticated("The access token has expired.")
     if iat > ts + 60:
         raise Unauthenticated("The access token is not valid yet.")
+    if exp - iat > MAX_TOKEN_LIFETIME:
+        raise Unauthenticated("The access token is invalid.")
     scopes = frozenset(scope.split()) & frozenset(ROLE_SCOPES[role])
     return Principal(
         client_id=client_id,

@@ -19,11 +19,15 @@ Files are created with mode 0600 in a 0700 folder and refused when group/world
 accessible. JWK ``kid`` values are always the RFC 7638 thumbprint.
 
 The two ES256 keys can be rotated (``broker keys rotate token|payload``): the new
-private key replaces the file, and the old key's *public* half is kept as
-``retired/<token|payload>-signing.<kid>.jwk.json``, so what it signed (disclosure
-payloads an agency keeps, tokens still within their lifetime) still verifies
-against the published JWKS. The other three keys are not rotated here: old ledger
-checkpoints, subject commitments and wrapped data keys depend on them.
+private key replaces the file, and the old key's *public* half is kept, with the
+time it was retired, as ``retired/<token|payload>-signing.<kid>.jwk.json``. A
+retired payload key stays published, so payloads an agency kept still verify. A
+retired token key is trusted and published only as long as tokens it signed can
+live (``RETIRED_TOKEN_TRUST_SECONDS`` from its retirement or from this process's
+start, whichever is later): after that, whoever holds the old private key can mint
+neither access tokens nor records-endpoint requests. The other three keys are not
+rotated here: old ledger checkpoints, subject commitments and wrapped data keys
+depend on them.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import os
 import re
 import secrets
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +57,7 @@ __all__ = [
     "BrokerKeys",
     "KeyFileInsecure",
     "KeysMissing",
+    "RetiredKey",
     "generate_agency_keys",
     "generate_p256_enc_keys",
     "rotate_signing_key",
@@ -70,6 +76,8 @@ BROKER_KEY_FILES = (
     RECORDS_KEK_FILE,
 )
 RETIRED_DIR = "retired"
+#: Access tokens live at most 900 s (the settings' cap) and clocks may be 120 s apart.
+RETIRED_TOKEN_TRUST_SECONDS = 900 + 120
 #: What ``rotate_signing_key`` rotates: the name on the command line, and the file.
 SIGNING_KEY_FILES: dict[str, str] = {"token": TOKEN_SIGNING_FILE, "payload": PAYLOAD_SIGNING_FILE}
 SECRET_BYTES = 32
@@ -239,6 +247,19 @@ _GENERATORS: dict[str, Callable[[], bytes]] = {
 # --------------------------------------------------------------------------- broker keys
 
 
+@dataclass(frozen=True)
+class RetiredKey:
+    """The public half of a rotated-out signing key: it verifies, it never signs."""
+
+    key: ECKey
+    retired_at: int
+    #: Epoch seconds after which it verifies nothing (None: kept for good).
+    trusted_until: float | None = None
+
+    def trusted(self, now: float) -> bool:
+        return self.trusted_until is None or now < self.trusted_until
+
+
 @dataclass(frozen=True, repr=False)
 class BrokerKeys:
     """All broker secrets, loaded once at start-up and passed to whoever needs them."""
@@ -248,9 +269,8 @@ class BrokerKeys:
     checkpoint_signing: Ed25519PrivateKey
     subject_hmac: bytes
     records_kek: bytes
-    #: Public halves of rotated-out signing keys: they verify, they never sign.
-    retired_token: tuple[ECKey, ...] = ()
-    retired_payload: tuple[ECKey, ...] = ()
+    retired_token: tuple[RetiredKey, ...] = ()
+    retired_payload: tuple[RetiredKey, ...] = ()
 
     def __repr__(self) -> str:
         # Only public identifiers: this object ends up in tracebacks and debug logs.
@@ -262,25 +282,17 @@ class BrokerKeys:
 
     __str__ = __repr__
 
-    def public_jwks(self) -> dict[str, Any]:
-        """JWKS served to agencies: the two ES256 signing keys first, then retired ones.
-
-        Public members only; a kid appears once (a rotation cut short may leave the
-        current key's public half among the retired).
+    def public_jwks(self, now: float | None = None) -> dict[str, Any]:
+        """JWKS served to agencies: the two ES256 signing keys, then retired ones still
+        trusted at ``now``. Public members only; a kid appears once (a rotation cut
+        short may leave the current key's public half among the retired).
         """
+        at = time.time() if now is None else now
+        retired = [r.key for r in (*self.retired_token, *self.retired_payload) if r.trusted(at)]
         keys: dict[str, dict[str, Any]] = {}
-        for key in (
-            self.token_signing,
-            self.payload_signing,
-            *self.retired_token,
-            *self.retired_payload,
-        ):
+        for key in (self.token_signing, self.payload_signing, *retired):
             keys.setdefault(str(key.kid), dict(key.as_dict(private=False)))
         return {"keys": list(keys.values())}
-
-    def token_verification_keys(self) -> tuple[ECKey, ...]:
-        """The current token key and the retired ones whose tokens may still be live."""
-        return (self.token_signing, *self.retired_token)
 
     def checkpoint_public_key_pem(self) -> bytes:
         """Ed25519 checkpoint verification key (SubjectPublicKeyInfo PEM) for auditors."""
@@ -301,8 +313,8 @@ class BrokerKeys:
             checkpoint_signing=_load(key_dir / CHECKPOINT_FILE, _parse_checkpoint),
             subject_hmac=_load(key_dir / SUBJECT_HMAC_FILE, _decode_secret),
             records_kek=_load(key_dir / RECORDS_KEK_FILE, _decode_secret),
-            retired_token=_load_retired(key_dir, "token"),
-            retired_payload=_load_retired(key_dir, "payload"),
+            retired_token=_load_retired(key_dir, "token", RETIRED_TOKEN_TRUST_SECONDS),
+            retired_payload=_load_retired(key_dir, "payload", None),
         )
 
     @classmethod
@@ -362,37 +374,47 @@ def _parse_ec_jwk(data: bytes) -> ECKey:
         raise ValueError("expected a private EC P-256 JWK") from None
 
 
-def _parse_public_ec_jwk(data: bytes) -> ECKey:
+def _parse_retired(data: bytes) -> tuple[ECKey, int]:
     try:
         jwk = orjson.loads(data)
         if not isinstance(jwk, dict) or "d" in jwk:
             raise TypeError
         if jwk.get("kty") != "EC" or jwk.get("crv") != "P-256":
             raise TypeError
+        retired_at = jwk["retired_at"]
+        if type(retired_at) is not int:
+            raise TypeError
         public = {"kty": "EC", "crv": "P-256", "x": jwk["x"], "y": jwk["y"]}
         params = {"kid": thumbprint(public), "use": "sig", "alg": _SIG_ALG}
-        return ECKey.import_key({**public, **params})
+        return ECKey.import_key({**public, **params}), retired_at
     except Exception:  # joserfc/cryptography errors may echo input; hide them
-        raise ValueError("expected a public EC P-256 JWK") from None
+        raise ValueError("expected a public EC P-256 JWK with 'retired_at'") from None
 
 
 def _retired_name(which: str, kid: str) -> str:
     return f"{which}-signing.{kid}.jwk.json"
 
 
-def _load_retired(key_dir: Path, which: str) -> tuple[ECKey, ...]:
+def _load_retired(key_dir: Path, which: str, trust_seconds: int | None) -> tuple[RetiredKey, ...]:
     """Retired public keys of ``which``, newest first; a file whose kid is not its name's
-    is refused, so a key cannot be slipped in under another key's file name."""
+    is refused, so a key cannot be slipped in under another key's file name.
+
+    With ``trust_seconds``, each is trusted that long after its retirement or after
+    now (the process starting with it), whichever is later: processes that had not
+    restarted yet kept signing with it until then.
+    """
     folder = key_dir / RETIRED_DIR
     if not folder.is_dir():
         return ()
-    found: list[tuple[float, ECKey]] = []
+    started = time.time()
+    found: list[RetiredKey] = []
     for path in folder.glob(f"{which}-signing.*.jwk.json"):
-        key = _load(path, _parse_public_ec_jwk)
+        key, retired_at = _load(path, _parse_retired)
         if path.name != _retired_name(which, str(key.kid)):
             raise ValueError(f"key file {path} does not hold the key its name gives")
-        found.append((path.stat().st_mtime, key))
-    return tuple(key for _, key in sorted(found, key=lambda item: -item[0]))
+        until = None if trust_seconds is None else max(retired_at, started) + trust_seconds
+        found.append(RetiredKey(key, retired_at, until))
+    return tuple(sorted(found, key=lambda r: -r.retired_at))
 
 
 def rotate_signing_key(key_dir: Path, which: str) -> tuple[str, str]:
@@ -413,7 +435,9 @@ def rotate_signing_key(key_dir: Path, which: str) -> tuple[str, str]:
     retired_dir = key_dir / RETIRED_DIR
     _ensure_private_dir(retired_dir)
     retired = retired_dir / _retired_name(which, str(old.kid))
-    _write_new_file(retired, _jwk_bytes(old, private=False))  # exists after a cut-short run
+    public = {**old.as_dict(private=False), "retired_at": int(time.time())}
+    # Already there after a rotation cut short: the first retirement time stands.
+    _write_new_file(retired, orjson.dumps(public, option=orjson.OPT_INDENT_2) + b"\n")
     new = _new_ec_signing_key()
     _replace_file(path, _jwk_bytes(new, private=True))
     return str(old.kid), str(new.kid)

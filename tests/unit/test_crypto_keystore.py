@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import stat
+import time
 from pathlib import Path
 
 import orjson
@@ -15,6 +16,7 @@ from joserfc.jwk import ECKey, thumbprint
 from broker.crypto.jwks import validate_public_jwks
 from broker.crypto.keystore import (
     BROKER_KEY_FILES,
+    RETIRED_TOKEN_TRUST_SECONDS,
     BrokerKeys,
     KeyFileInsecure,
     KeysMissing,
@@ -264,6 +266,7 @@ def test_agency_keys_refuse_unsafe_names(tmp_path: Path, name: str) -> None:
 def test_rotate_keeps_only_the_public_half_of_the_old_key(key_dir: Path, which: str) -> None:
     before = BrokerKeys.generate(key_dir)
     old_key = before.token_signing if which == "token" else before.payload_signing
+    started = time.time()
     retired_kid, new_kid = rotate_signing_key(key_dir, which)
     assert retired_kid == old_key.kid and new_kid != retired_kid
 
@@ -275,7 +278,8 @@ def test_rotate_keeps_only_the_public_half_of_the_old_key(key_dir: Path, which: 
         untouched.kid == (before.payload_signing if which == "token" else before.token_signing).kid
     )
     retired = after.retired_token if which == "token" else after.retired_payload
-    assert [k.kid for k in retired] == [retired_kid] and not retired[0].is_private
+    assert [r.key.kid for r in retired] == [retired_kid] and not retired[0].key.is_private
+    assert int(started) <= retired[0].retired_at <= time.time()
 
     retired_file = key_dir / "retired" / f"{which}-signing.{retired_kid}.jwk.json"
     assert not PRIVATE_MEMBERS & orjson.loads(retired_file.read_bytes()).keys()
@@ -287,9 +291,14 @@ def test_rotate_keeps_only_the_public_half_of_the_old_key(key_dir: Path, which: 
     kids = [k["kid"] for k in after.public_jwks()["keys"]]
     assert kids[:2] == [after.token_signing.kid, after.payload_signing.kid]
     assert retired_kid in kids and len(kids) == len(set(kids)) == 3
-    verifiers = {k.kid for k in after.token_verification_keys()}
-    tokens_by = {new_kid, retired_kid} if which == "token" else {before.token_signing.kid}
-    assert verifiers == tokens_by
+    # A retired token key is trusted (and published) only while its tokens can live;
+    # a retired payload key stays, for the payloads agencies keep.
+    later = time.time() + RETIRED_TOKEN_TRUST_SECONDS + 1
+    assert retired[0].trusted(time.time())
+    assert retired[0].trusted(later) is (which == "payload")
+    assert (retired_kid in [k["kid"] for k in after.public_jwks(later)["keys"]]) is (
+        which == "payload"
+    )
 
 
 def test_what_the_retired_payload_key_signed_still_verifies(key_dir: Path) -> None:
@@ -313,7 +322,7 @@ def test_a_rotation_cut_short_publishes_the_key_once(key_dir: Path) -> None:
     # The retired copy was written, then the process died before replacing the file.
     current = keys.payload_signing
     path = key_dir / "retired" / f"payload-signing.{current.kid}.jwk.json"
-    path.write_bytes(orjson.dumps(current.as_dict(private=False)))
+    path.write_bytes(orjson.dumps({**current.as_dict(private=False), "retired_at": 1}))
     path.chmod(0o600)
     kids = [k["kid"] for k in BrokerKeys.load(key_dir).public_jwks()["keys"]]
     assert kids.count(current.kid) == 1 and len(kids) == 2
@@ -321,15 +330,18 @@ def test_a_rotation_cut_short_publishes_the_key_once(key_dir: Path) -> None:
     assert retired == current.kid and BrokerKeys.load(key_dir).payload_signing.kid == new
 
 
-@pytest.mark.parametrize("content", ["private", "renamed"])
+@pytest.mark.parametrize("content", ["private", "renamed", "undated"])
 def test_a_retired_file_that_is_not_what_it_says_is_refused(key_dir: Path, content: str) -> None:
     BrokerKeys.generate(key_dir)
     (key_dir / "retired").mkdir(mode=0o700)
     other = ECKey.generate_key("P-256", private=True)
     other.ensure_kid()
-    kid = other.kid if content == "private" else "not-its-thumbprint"
+    kid = "not-its-thumbprint" if content == "renamed" else other.kid
     path = key_dir / "retired" / f"token-signing.{kid}.jwk.json"
-    path.write_bytes(orjson.dumps(other.as_dict(private=content == "private")))
+    jwk = {**other.as_dict(private=content == "private"), "retired_at": 1}
+    if content == "undated":
+        del jwk["retired_at"]
+    path.write_bytes(orjson.dumps(jwk))
     path.chmod(0o600)
     with pytest.raises(ValueError, match="token-signing"):
         BrokerKeys.load(key_dir)
