@@ -33,7 +33,13 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.util.concurrency import await_
 
-from broker.errors import BrokerError, CommitUnconfirmed, Conflict, ServiceUnavailable
+from broker.errors import (
+    BrokerError,
+    CommitUnconfirmed,
+    Conflict,
+    InvalidRequest,
+    ServiceUnavailable,
+)
 from broker.hot_sql import DbSession, OutcomeUnknown, PooledDriver
 
 log = logging.getLogger("broker.db")
@@ -178,6 +184,12 @@ def _problem(exc: DBAPIError, committing: bool) -> BrokerError:
     """The problem response for a database error that ended a request."""
     if isinstance(exc, IntegrityError):
         return Conflict("The change conflicts with data already stored; nothing was changed.")
+    sqlstate = str(getattr(exc.orig, "sqlstate", None) or "")
+    if sqlstate.startswith("22"):
+        # A data exception: a value in the request PostgreSQL cannot hold (a NUL
+        # character, a number or date out of range). The statement failed whole.
+        log.warning("database refused a value: SQLSTATE %s", sqlstate)
+        return InvalidRequest("A value in the request cannot be stored; nothing was changed.")
     if isinstance(exc, OutcomeUnknown) or (committing and exc.connection_invalidated):
         # COMMIT was sent and the connection died before its answer: the server may
         # have committed. Saying "nothing was changed" could be false, so say so;

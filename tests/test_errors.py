@@ -158,3 +158,73 @@ def test_settings_refuse_unknown_and_unsafe_values(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("BROKER_NO_SUCH_SETTING", "1")
     with pytest.raises(ValueError, match="BROKER_NO_SUCH_SETTING"):
         Settings()
+
+
+async def test_a_nul_character_anywhere_is_refused_alike_on_both_backends(world: World) -> None:
+    """PostgreSQL text cannot hold U+0000 (SQLite can): both refuse it with a 422 that
+    says so, in a path, a query string or anywhere in a JSON body, before any write."""
+    s = await story_one(world)
+    oversight = await world.agency("Oversight", "oversight")
+    auditor = await world.client(oversight.id, "auditor", "auditor")
+    for resp in (
+        await s.advocate.get("/v1/subjects/ab%00cd"),
+        await auditor.get("/v1/ledger/entries?after=%00"),
+    ):
+        assert "NUL" in str(_is_problem(resp, 422)["detail"])
+    grant = consent_body(
+        subject_id=s.subject_id, source_agency_ids=[s.shelter.id], recipient_agency_id=s.police.id
+    )
+    depositor = await world.client(s.shelter.id, "agency", "case system")
+    asks = [
+        (s.advocate, "/v1/consents", {**grant, "reason": "agreed\x00"}),
+        (s.advocate, "/v1/consents", {**grant, "excluded_client_ids": ["x\x00"]}),
+        (s.officer, "/v1/disclosures", {"subject_ref": "PD\x00", "category": "shelter",
+                                        "purpose": "safety_planning"}),
+        (depositor, "/v1/records", {"subject_ref": "HH-1", "category": "shelter",
+                                    "record": {"intake_date": "2024-03-02\x00"}}),
+    ]  # fmt: skip
+    async with world.rt.sessionmaker() as session:
+        pending = await session.scalar(select(func.count()).select_from(LedgerPending))
+    for client, path, body in asks:
+        problem = _is_problem(await client.post(path, json=body), 422)
+        assert problem["errors"] == [
+            {
+                "loc": ["body"],
+                "msg": "Value error, text must not contain NUL characters (U+0000)",
+                "type": "value_error",
+            }
+        ], path
+    async with world.rt.sessionmaker() as session:
+        assert await session.scalar(select(func.count()).select_from(LedgerPending)) == pending
+
+
+async def test_a_denial_report_reaching_before_year_one_is_refused(world: World) -> None:
+    oversight = await world.agency("Oversight", "oversight")
+    auditor = await world.client(oversight.id, "auditor", "auditor")
+    early = await auditor.get(
+        "/v1/audit/denials", params={"until": "0001-01-01T17:45:00Z", "threshold": 1}
+    )
+    assert "too early" in str(_is_problem(early, 422)["detail"])
+    naive = await auditor.get("/v1/audit/denials", params={"since": "2026-01-01T00:00:00"})
+    _is_problem(naive, 422)
+
+
+@pytest.mark.postgres_only
+async def test_a_value_postgresql_cannot_hold_is_a_422_not_a_503(world: World) -> None:
+    """The safety net under the input checks: SQLSTATE class 22 (data exception) means
+    the request's value, not the database, failed; the statement changed nothing."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import DBAPIError
+
+    from broker.db import _problem
+    from broker.errors import InvalidRequest, ServiceUnavailable
+
+    for sql, value in (("SELECT CAST(:v AS text)", "a\x00b"), ("SELECT CAST(:v AS int2)", 70000)):
+        async with world.rt.sessionmaker() as session:
+            with pytest.raises(DBAPIError) as caught:
+                await session.execute(text(sql), {"v": value})
+        assert isinstance(_problem(caught.value, committing=False), InvalidRequest)
+    async with world.rt.sessionmaker() as session:
+        with pytest.raises(DBAPIError) as caught:
+            await session.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+    assert isinstance(_problem(caught.value, committing=False), ServiceUnavailable)

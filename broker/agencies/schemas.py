@@ -6,9 +6,10 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from broker.auth.roles import Role
+from broker.common.validation import RequestBody
 
 
 class AgencyKind(StrEnum):
@@ -20,8 +21,8 @@ class AgencyKind(StrEnum):
     oversight = "oversight"
 
 
-class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _In(RequestBody):
+    pass
 
 
 class AgencyCreate(_In):

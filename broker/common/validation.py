@@ -3,9 +3,39 @@
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
 from urllib.parse import urlsplit
 
+from pydantic import BaseModel, ConfigDict, model_validator
+
 from broker.errors import InvalidRequest
+
+
+def has_nul(value: object) -> bool:
+    """Whether a NUL character hides in ``value``'s strings (keys included)."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(has_nul(k) or has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(has_nul(v) for v in value)
+    return False
+
+
+class RequestBody(BaseModel):
+    """Base of every JSON request body: unknown members are refused, and so is a NUL
+    character anywhere in it. PostgreSQL text cannot hold one (SQLite can), so the
+    same body is refused alike on both, with a 422 that names the problem.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        if has_nul(data):
+            raise ValueError("text must not contain NUL characters (U+0000)")
+        return data
 
 
 def check_endpoint_url(url: str | None, *, what: str, allow_plain_http: bool) -> str | None:

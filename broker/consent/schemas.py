@@ -7,6 +7,8 @@ from enum import StrEnum
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+from broker.common.validation import RequestBody
+
 
 class AttestationMethod(StrEnum):
     written = "written"
@@ -26,8 +28,8 @@ class Attestation(BaseModel):
     )
 
 
-class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _In(RequestBody):
+    pass
 
 
 class ConsentTerms(_In):

@@ -151,9 +151,12 @@ async def denials(
 ) -> DenialReport:
     """Denials per agency, client and reason: repeated probing shows up here."""
     until = until or datetime.now(UTC)
-    since = since or until - timedelta(days=1)
-    if since.tzinfo is None or until.tzinfo is None:
+    if until.tzinfo is None or (since is not None and since.tzinfo is None):
         raise InvalidRequest("since and until need a time zone (e.g. 2026-01-01T00:00:00Z).")
+    try:
+        since = since or until - timedelta(days=1)
+    except OverflowError:
+        raise InvalidRequest("until is too early: give since as well.") from None
     if since >= until:
         raise InvalidRequest("since must be before until.")
     return await audit.denial_report(session, since, until, threshold)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
+
+from broker.common.validation import RequestBody
 
 
-class DisclosureCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class DisclosureCreate(RequestBody):
     subject_ref: str = Field(
         min_length=1, max_length=128, description="the requester's own reference"
     )
@@ -31,8 +32,7 @@ class DisclosureOut(BaseModel):
     ledger_entry: str
 
 
-class RecordDeposit(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class RecordDeposit(RequestBody):
     subject_ref: str = Field(min_length=1, max_length=128)
     category: str = Field(min_length=1, max_length=32)
     record: dict[str, Any]

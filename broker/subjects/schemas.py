@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
+
+from broker.common.validation import RequestBody
 
 
-class SubjectCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SubjectCreate(RequestBody):
+    """Enrolment takes no fields: the survivor is only an opaque id here."""
 
 
 class SubjectCreated(BaseModel):
@@ -16,8 +18,7 @@ class SubjectCreated(BaseModel):
     created_at: datetime
 
 
-class ReferenceCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ReferenceCreate(RequestBody):
     agency_id: str = Field(min_length=1, max_length=64)
     reference: str = Field(min_length=1, max_length=128)
 
