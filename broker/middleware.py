@@ -1,4 +1,4 @@
-"""Pure-ASGI middleware: body size cap, NUL-free URLs, response headers for sensitive data."""
+"""Pure-ASGI middleware: body size cap and response headers for sensitive data."""
 
 from __future__ import annotations
 
@@ -17,9 +17,7 @@ class _TooLarge(HTTPException):
 
 
 class BodyLimitMiddleware:
-    """Refuse bodies over ``max_bytes`` with 413, whether announced or streamed, and
-    paths or query strings holding a NUL character with 422 (PostgreSQL cannot compare
-    text holding one, so an id like ``ab%00`` would fail as a database error)."""
+    """Refuse bodies over ``max_bytes`` with 413, whether announced or streamed."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -29,11 +27,6 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        query = scope.get("query_string", b"")
-        if "\x00" in scope["path"] or b"%00" in query or b"\x00" in query:
-            detail = "Paths and query strings must not contain NUL characters (%00)."
-            await _refuse(send, 422, "invalid-request", "The request is not valid", detail)
-            return
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
@@ -41,7 +34,7 @@ class BodyLimitMiddleware:
                 except ValueError:
                     declared = self.max_bytes + 1
                 if declared > self.max_bytes:
-                    await self._too_large(send)
+                    await self._refuse(send)
                     return
         seen = 0
         started = False
@@ -71,29 +64,26 @@ class BodyLimitMiddleware:
             await self.app(scope, limited_receive, tracking_send)
         except _TooLarge:
             if not started:
-                await self._too_large(send)
+                await self._refuse(send)
 
-    async def _too_large(self, send: Send) -> None:
-        detail = f"Request bodies are limited to {self.max_bytes} bytes."
-        await _refuse(send, 413, "payload-too-large", "Request body too large", detail)
-
-
-async def _refuse(send: Send, status: int, slug: str, title: str, detail: str) -> None:
-    """A problem answer sent before the app saw the request; the connection then closes."""
-    body = orjson.dumps(
-        {"type": PROBLEM_BASE + slug, "title": title, "status": status, "detail": detail}
-    )
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
-                (b"content-length", str(len(body)).encode()),
-                (b"cache-control", b"no-store"),
-                (b"x-content-type-options", b"nosniff"),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    async def _refuse(self, send: Send) -> None:
+        body = orjson.dumps(
+            {
+                "type": PROBLEM_BASE + "payload-too-large",
+                "title": "Request body too large",
+                "status": 413,
+                "detail": f"Request bodies are limited to {self.max_bytes} bytes.",
+            }
+        )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

@@ -160,17 +160,16 @@ def test_settings_refuse_unknown_and_unsafe_values(monkeypatch: pytest.MonkeyPat
         Settings()
 
 
-async def test_a_nul_character_anywhere_is_refused_alike_on_both_backends(world: World) -> None:
-    """PostgreSQL text cannot hold U+0000 (SQLite can): both refuse it with a 422 that
-    says so, in a path, a query string or anywhere in a JSON body, before any write."""
+async def test_a_nul_character_anywhere_is_refused_alike_on_both_backends(
+    world: World, backend: str
+) -> None:
+    """PostgreSQL text cannot hold U+0000 (SQLite can): a JSON body holding one is
+    refused on both with a 422 that says so, before any write. In a path the caller is
+    checked first; then PostgreSQL's refusal is a 422 and SQLite finds nothing."""
     s = await story_one(world)
-    oversight = await world.agency("Oversight", "oversight")
-    auditor = await world.client(oversight.id, "auditor", "auditor")
-    for resp in (
-        await s.advocate.get("/v1/subjects/ab%00cd"),
-        await auditor.get("/v1/ledger/entries?after=%00"),
-    ):
-        assert "NUL" in str(_is_problem(resp, 422)["detail"])
+    _is_problem(await s.officer.get("/v1/subjects/ab%00cd"), 403)
+    by_id = await s.advocate.get("/v1/subjects/ab%00cd")
+    _is_problem(by_id, 422 if backend == "postgresql" else 404)
     grant = consent_body(
         subject_id=s.subject_id, source_agency_ids=[s.shelter.id], recipient_agency_id=s.police.id
     )
@@ -228,3 +227,20 @@ async def test_a_value_postgresql_cannot_hold_is_a_422_not_a_503(world: World) -
         with pytest.raises(DBAPIError) as caught:
             await session.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
     assert isinstance(_problem(caught.value, committing=False), ServiceUnavailable)
+
+
+async def test_an_instant_before_year_one_in_utc_is_a_422(world: World) -> None:
+    """``0001-01-01T00:00+01:00`` is valid ISO 8601 but lies before year 1 in UTC."""
+    s = await story_one(world)
+    early = "0001-01-01T00:00:00+01:00"
+    oversight = await world.agency("Oversight", "oversight")
+    auditor = await world.client(oversight.id, "auditor", "auditor")
+    for name in ("since", "until"):
+        resp = await auditor.get("/v1/ledger/entries", params={name: early})
+        assert "outside the years" in str(_is_problem(resp, 422)["detail"])
+    body = consent_body(
+        subject_id=s.subject_id, source_agency_ids=[s.shelter.id], recipient_agency_id=s.police.id
+    )
+    body["attestation"] = {**body["attestation"], "signed_at": early}
+    problem = _is_problem(await s.advocate.post("/v1/consents", json=body), 422)
+    assert problem["errors"][0]["loc"] == ["body", "attestation", "signed_at"]  # type: ignore[index]

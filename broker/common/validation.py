@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+from datetime import UTC, datetime
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, model_validator
 
 from broker.errors import InvalidRequest
 
@@ -20,6 +21,28 @@ def has_nul(value: object) -> bool:
     if isinstance(value, list):
         return any(has_nul(v) for v in value)
     return False
+
+
+def _in_utc(value: datetime) -> datetime:
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("the instant falls outside the years 1 to 9999 in UTC") from None
+
+
+#: An instant with a time zone, taken to UTC; one outside years 1-9999 in UTC is refused
+#: (``0001-01-01T00:00+01:00`` is a valid ISO 8601 text, but no storable instant).
+UTCInstant = Annotated[AwareDatetime, AfterValidator(_in_utc)]
+
+
+def utc_instant(value: datetime, *, what: str) -> datetime:
+    """A query parameter's instant in UTC, or a 422 that says what is wrong with it."""
+    if value.tzinfo is None:
+        raise InvalidRequest(f"{what} needs a time zone (e.g. 2026-01-01T00:00:00Z).")
+    try:
+        return _in_utc(value)
+    except ValueError:
+        raise InvalidRequest(f"{what} falls outside the years 1 to 9999 in UTC.") from None
 
 
 class RequestBody(BaseModel):

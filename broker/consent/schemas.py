@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from enum import StrEnum
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from broker.common.validation import RequestBody
+from broker.common.validation import RequestBody, UTCInstant
 
 
 class AttestationMethod(StrEnum):
@@ -21,7 +21,7 @@ class AttestationMethod(StrEnum):
 class Attestation(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: AttestationMethod
-    signed_at: AwareDatetime
+    signed_at: UTCInstant
     document_sha256: str = Field(
         pattern=r"^[0-9a-f]{64}$",
         description="SHA-256 (lowercase hex) of the signed form, recording or call note",
@@ -36,8 +36,8 @@ class ConsentTerms(_In):
     source_agency_ids: list[str] = Field(min_length=1, max_length=10)
     fields: dict[str, list[str]] = Field(min_length=1, max_length=10)
     purposes: list[str] = Field(min_length=1, max_length=20)
-    valid_from: AwareDatetime | None = None
-    expires_at: AwareDatetime
+    valid_from: UTCInstant | None = None
+    expires_at: UTCInstant
     max_uses: int | None = Field(default=None, ge=1, le=100_000)
     data_life_days: int | None = Field(default=None, ge=1, le=3650)
     excluded_client_ids: list[str] = Field(default_factory=list, max_length=100)

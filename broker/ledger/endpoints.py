@@ -19,6 +19,7 @@ from broker.auth.dependencies import (
     check_standing,
 )
 from broker.auth.roles import Role
+from broker.common.validation import utc_instant
 from broker.db import SessionDep, request_session
 from broker.errors import (
     Conflict,
@@ -74,9 +75,8 @@ async def entries(
         str | None, Query(max_length=64, description="matched via its HMAC commitment")
     ] = None,
 ) -> EntryPage:
-    for name, value in (("since", since), ("until", until)):
-        if value is not None and value.tzinfo is None:
-            raise InvalidRequest(f"{name} needs a time zone (e.g. 2026-01-01T00:00:00Z).")
+    since = None if since is None else utc_instant(since, what="since")
+    until = None if until is None else utc_instant(until, what="until")
     return await service.list_entries(
         session,
         rt,

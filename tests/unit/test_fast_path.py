@@ -107,11 +107,13 @@ def test_the_documented_route_depends_on_nothing_the_fast_path_would_skip() -> N
     the route, its router or the app would run for some requests and not others."""
     from fastapi.routing import APIRoute
 
+    from broker.disclosure import endpoints
     from broker.disclosure.endpoints import router
 
     (route,) = [r for r in router.routes if isinstance(r, APIRoute) and r.path == PATH]
     assert route.methods == {"POST"}
     assert router.dependencies == [] and route.dependencies == []
-    assert route.dependant.dependencies == []
+    # The one dependency is the caller check, which serve_disclosure makes itself.
+    assert [d.call for d in route.dependant.dependencies] == [endpoints._caller]
     assert [p.name for p in route.dependant.body_params] == ["body"]
     assert route.dependant.request_param_name == "request"
