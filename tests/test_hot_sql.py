@@ -180,12 +180,14 @@ async def test_autocommit_write_refused_by_the_server_is_definite(world: object)
 
 
 async def _kill_when_sleeping(dbname: str) -> int:
+    """Terminate the backend once it is inside pg_sleep (``wait_event`` PgSleep), not
+    while it still parses the statement: a kill then would be a refusal before execution."""
     admin = await asyncpg.connect(PG_ADMIN_DSN)
     try:
         for _ in range(200):
             killed = await admin.fetchval(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE datname = $1 AND query LIKE '%pg_sleep%' AND pid <> pg_backend_pid()",
+                "WHERE datname = $1 AND wait_event = 'PgSleep' AND pid <> pg_backend_pid()",
                 dbname,
             )
             if killed:
