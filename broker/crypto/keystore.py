@@ -195,13 +195,15 @@ def _ensure_private_dir(directory: Path) -> None:
 # --------------------------------------------------------------------------- key codecs
 
 
-def _ec_signing_key(jwk: dict[str, Any]) -> ECKey:
-    """Import a private P-256 JWK, forcing kid = thumbprint, use sig, alg ES256."""
-    if jwk.get("kty") != "EC" or jwk.get("crv") != "P-256" or "d" not in jwk:
-        raise ValueError("expected a private EC P-256 JWK")
+def _ec_signing_key(jwk: dict[str, Any], *, private: bool = True) -> ECKey:
+    """Import a P-256 JWK (private, or only its public half), forcing kid = thumbprint,
+    use sig, alg ES256."""
+    if jwk.get("kty") != "EC" or jwk.get("crv") != "P-256" or (private and "d" not in jwk):
+        raise ValueError(f"expected a {'private' if private else 'public'} EC P-256 JWK")
     public = {"kty": "EC", "crv": "P-256", "x": jwk["x"], "y": jwk["y"]}
     params = {"kid": thumbprint(public), "use": "sig", "alg": _SIG_ALG}
-    return ECKey.import_key({**public, "d": jwk["d"], **params})
+    secret = {"d": jwk["d"]} if private else {}
+    return ECKey.import_key({**public, **secret, **params})
 
 
 def _new_ec_signing_key() -> ECKey:
@@ -379,14 +381,10 @@ def _parse_retired(data: bytes) -> tuple[ECKey, int]:
         jwk = orjson.loads(data)
         if not isinstance(jwk, dict) or "d" in jwk:
             raise TypeError
-        if jwk.get("kty") != "EC" or jwk.get("crv") != "P-256":
-            raise TypeError
         retired_at = jwk["retired_at"]
         if type(retired_at) is not int:
             raise TypeError
-        public = {"kty": "EC", "crv": "P-256", "x": jwk["x"], "y": jwk["y"]}
-        params = {"kid": thumbprint(public), "use": "sig", "alg": _SIG_ALG}
-        return ECKey.import_key({**public, **params}), retired_at
+        return _ec_signing_key(jwk, private=False), retired_at
     except Exception:  # joserfc/cryptography errors may echo input; hide them
         raise ValueError("expected a public EC P-256 JWK with 'retired_at'") from None
 

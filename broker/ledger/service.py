@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from broker.auth.roles import Principal, Role
 from broker.crypto.commitment import subject_commitment
+from broker.crypto.compact import b64url
 from broker.errors import Conflict, InvalidRequest, NotFound
 from broker.ledger.checkpoint import verifier_key
 from broker.ledger.merkle import (
@@ -55,9 +56,15 @@ def ledger_key(rt: Runtime) -> LedgerKeyOut:
     raw = public.public_bytes(Encoding.Raw, PublicFormat.Raw)
     origin = rt.settings.ledger_origin
     vkey = verifier_key(origin, public)
-    x = base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
     kid = vkey.split("+")[1]
-    jwk = {"kty": "OKP", "crv": "Ed25519", "x": x, "kid": kid, "alg": "EdDSA", "use": "sig"}
+    jwk = {
+        "kty": "OKP",
+        "crv": "Ed25519",
+        "x": b64url(raw),
+        "kid": kid,
+        "alg": "EdDSA",
+        "use": "sig",
+    }
     return LedgerKeyOut(origin=origin, verifier_key=vkey, jwk=jwk)
 
 
