@@ -12,6 +12,7 @@ For every server the same three phases run, in this order:
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -135,6 +136,8 @@ def profile(
 
     ``closed`` is the peak load; ``sequential`` one request at a time, where the
     worker's CPU per request is higher than at peak and the latency target applies.
+    ``BENCH_PROFILE_NATIVE=1`` adds C frames (py-spy ``--native``): the kernel's share
+    then shows as libc's ``write``/``read``.
     """
     py_spy = Path(sys.executable).parent / "py-spy"
     if not py_spy.exists():
@@ -142,8 +145,9 @@ def profile(
     pid = server.worker_pids()[0]
     seconds = max(5, int(params.duration))
     argv = [str(py_spy), "record", "-d", str(seconds), "-p", str(pid), "-o", str(out)]
+    native = os.environ.get("BENCH_PROFILE_NATIVE") == "1"
     spy = subprocess.Popen(
-        [*argv, "--format", "raw", "--rate", "200"],
+        [*argv, "--format", "raw", "--rate", "200", *(["--native"] if native else [])],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
