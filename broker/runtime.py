@@ -15,7 +15,6 @@ from broker.auth.tokens import AccessTokenVerifier
 from broker.catalog import Catalog, load_catalog
 from broker.crypto.keystore import BrokerKeys
 from broker.db import make_engine, make_sessionmaker
-from broker.disclosure.group_commit import DecisionWriter
 from broker.ledger.sequencer import SequencerState
 from broker.settings import Settings
 from broker.sources.connections import AgencyClient
@@ -43,8 +42,6 @@ class Runtime:
     #: Set when a commit queued revocation notices: this process's delivery loop goes
     #: at once instead of finishing its idle pause (up to 4 s).
     notices_due: asyncio.Event = field(default_factory=asyncio.Event)
-    #: PostgreSQL: disclosure decisions written in batches (group commit).
-    decisions: DecisionWriter | None = None
 
     async def aclose(self) -> None:
         """Close the records client and every database pool."""
@@ -91,7 +88,6 @@ def build_runtime(settings: Settings) -> Runtime:
         ),
         http=http,
         limiter=RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst),
-        decisions=DecisionWriter(autocommit_engine) if autocommit_engine is not engine else None,
     )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,8 +38,7 @@ from sqlalchemy.sql.selectable import TableValuedAlias
 from broker.auth.roles import Principal
 from broker.auth.standing import STANDING, require_standing
 from broker.disclosure.decision import GrantView
-from broker.disclosure.group_commit import DecisionWriter
-from broker.hot_sql import DbSession, HotStatement, PooledDriver, session_driver
+from broker.hot_sql import DbSession, HotStatement, session_driver
 from broker.models import (
     Agency,
     ConsentGrant,
@@ -309,7 +307,6 @@ async def store_decision(
     pending: dict[str, Any],
     disclosure: dict[str, Any],
     use: GrantView | None = None,
-    writer: DecisionWriter | None = None,
 ) -> bool:
     """Write a decision's ledger entry and disclosure row; for a permit, count the use.
 
@@ -317,25 +314,17 @@ async def store_decision(
     is still the grant's latest and uses are left. The row lock this takes orders the
     disclosure against a concurrent revocation (which locks the same grant row):
     whichever commits second sees the other's effect. False when the use was lost.
-    With a ``writer`` (PostgreSQL, autocommit), the decision joins a group commit.
     """
     grant = {
         "grant_id": use.grant_id if use else None,
         "version": use.version if use else None,
         "max_uses": use.max_uses if use else None,
     }
-    if writer is not None and writer.busy and isinstance(session, PooledDriver):
-        # Nothing is open on the request's connection: back to the pool with it while
-        # the batch, on a connection of its own, writes.
-        await session.commit()
-        if await writer.store(pending, disclosure, grant if use is not None else None):
-            return True
     if await session_driver(session) is not None:  # PostgreSQL: one statement
         params = {"take": use is not None, **grant}
         params.update({f"p_{k}": v for k, v in pending.items()})
         params.update({f"d_{k}": v for k, v in disclosure.items()})
-        with writer.writing() if writer is not None else contextlib.nullcontext():
-            return await _DECISION_PG.affected(session, params) == 1
+        return await _DECISION_PG.affected(session, params) == 1
     if use is not None and await _TAKE_USE.affected(session, grant) != 1:
         return False
     assert isinstance(session, AsyncSession)  # a PooledDriver is PostgreSQL's

@@ -176,7 +176,6 @@ class _Context:
                 "created_at": self.now,
             },
             use,
-            rt.decisions,
         )
         return entry_id if stored else None
 
