@@ -245,6 +245,16 @@ def postgres_database(stack: contextlib.ExitStack, purpose: str) -> str:
     return name
 
 
+async def settle_postgres(dbname: str) -> None:
+    """Statistics current, dead rows gone and dirty pages flushed before measuring."""
+    conn = await asyncpg.connect(pg_dsn(dbname), timeout=10)
+    try:
+        await conn.execute("VACUUM (ANALYZE)")
+        await conn.execute("CHECKPOINT")
+    finally:
+        await conn.close()
+
+
 def temp_dir(stack: contextlib.ExitStack, purpose: str) -> Path:
     path = Path(tempfile.mkdtemp(prefix=f"bench-{purpose}-"))
     stack.callback(shutil.rmtree, path, ignore_errors=True)
