@@ -73,6 +73,9 @@ class Result:
     p99_ms: float
     max_ms: float
     mean_ms: float
+    #: Open loop: how late the load generator began requests against their schedule.
+    lag_p99_ms: float
+    lag_max_ms: float
     connections: int
     capped: bool
 
@@ -266,11 +269,15 @@ class _Log:
     starts: list[float] = field(default_factory=list)
     ends: list[float] = field(default_factory=list)
     statuses: list[int] = field(default_factory=list)
+    #: When the client got round to the request: later than ``start`` in an open loop
+    #: when the load generator itself was held up (descheduled, a GC pause).
+    began: list[float] = field(default_factory=list)
 
-    def add(self, start: float, end: float, status: int) -> None:
+    def add(self, start: float, end: float, status: int, began: float | None = None) -> None:
         self.starts.append(start)
         self.ends.append(end)
         self.statuses.append(status)
+        self.began.append(start if began is None else began)
 
 
 async def _closed(plan: Plan, pool: _Pool, log: _Log, deadline: float) -> None:
@@ -292,8 +299,9 @@ async def _open(plan: Plan, pool: _Pool, log: _Log, t0: float, deadline: float) 
     tasks: set[asyncio.Task[None]] = set()
 
     async def one(i: int, scheduled: float) -> None:
+        began = time.perf_counter()
         status = await pool.send(i)
-        log.add(scheduled, time.perf_counter(), status)
+        log.add(scheduled, time.perf_counter(), status, began)
 
     for i in range(plan.max_requests):
         scheduled = t0 + i * interval
@@ -329,18 +337,22 @@ def _summarise(plan: Plan, log: _Log, t0: float, t_end: float, conns: int) -> Re
     cut = t0 + (plan.warmup if plan.mode != "sequential" else 0.0)
     window_end = min(t_end, t0 + plan.duration)
     latencies: list[float] = []
+    lags: list[float] = []
     errors: Counter[str] = Counter()
     measured = ok = 0
-    for start, end, status in zip(log.starts, log.ends, log.statuses, strict=True):
+    rows = zip(log.starts, log.ends, log.statuses, log.began, strict=True)
+    for start, end, status, began in rows:
         if start < cut:
             continue
         measured += 1
         if status == plan.expect_status:
             ok += 1
             latencies.append((end - start) * 1000.0)
+            lags.append((began - start) * 1000.0)
         else:
             errors[str(status)] += 1
     latencies.sort()
+    lags.sort()
     if plan.mode == "sequential":
         elapsed = t_end - t0
         rate = ok / elapsed
@@ -367,6 +379,8 @@ def _summarise(plan: Plan, log: _Log, t0: float, t_end: float, conns: int) -> Re
         p99_ms=round(_percentile(latencies, 0.99), 3),
         max_ms=round(latencies[-1], 3) if latencies else float("nan"),
         mean_ms=round(sum(latencies) / len(latencies), 3) if latencies else float("nan"),
+        lag_p99_ms=round(_percentile(lags, 0.99), 3),
+        lag_max_ms=round(lags[-1], 3) if lags else float("nan"),
         connections=conns,
         capped=sent >= plan.max_requests,
     )
