@@ -204,10 +204,10 @@ def rss_mb(pid: int) -> tuple[float, float]:
 def pg_url(dbname: str) -> str:
     """The broker's URL for a benchmark database: TCP on 127.0.0.1 unless
     ``BENCH_PG_SOCKET`` names the server's Unix-socket folder (a co-located database)."""
-    if os.environ.get("BENCH_PG_SOCKET"):
-        return f"postgresql+asyncpg://postgres@/{dbname}?host={os.environ['BENCH_PG_SOCKET']}"
     base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
-    return f"{base}/{dbname}"
+    socket = os.environ.get("BENCH_PG_SOCKET")
+    # A ``host`` query parameter overrides the DSN's host; user and port stay the DSN's.
+    return f"{base}/{dbname}?host={socket}" if socket else f"{base}/{dbname}"
 
 
 def pg_dsn(dbname: str) -> str:

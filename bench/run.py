@@ -173,7 +173,9 @@ def _notes(cfg: DisclosureConfig, grants: int, entries: int) -> str:
         f"survivor 0's rows (`bench/clone.py`). Harbor House deposited {cfg.deposits:,} "
         "records over `POST /v1/records` and the police ask for those survivors; legal aid "
         f"asks for any of the {cfg.survivors:,}, whose records the endpoint serves. The "
-        "sequencer drained the seeding's ledger entries before measuring.",
+        "sequencer drained the seeding's ledger entries, then PostgreSQL ran "
+        "`VACUUM (ANALYZE)` and `CHECKPOINT`, before measuring. The half-of-peak row "
+        "also gives the load generator's own lag against its schedule.",
         "- Decision: `broker.disclosure.decision.decide` vs cedarpy deciding the same grants "
         "written as Cedar policies (pre-parsed `PolicySet` and `Entities`, both engines "
         "checked to agree first); resolve + decide against PostgreSQL grown by `INSERT ... "
