@@ -32,6 +32,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         access_log=args.access_log,
         proxy_headers=False,
+        http="broker.serving:OneWriteHttpToolsProtocol",
     )
     return 0
 

@@ -172,12 +172,12 @@ async def driver_session(request: Request) -> AsyncIterator[DbSession]:
         await driver.reconnect()
         raise _problem(exc, committing=False) from None
     except BrokerError:
-        await driver.commit()
+        driver.release_soon()
         raise
     except BaseException:
         await driver.reconnect()
         raise
-    await driver.commit()
+    driver.release_soon()  # after the answer is written: off the response's path
 
 
 def _problem(exc: DBAPIError, committing: bool) -> BrokerError:

@@ -13,6 +13,7 @@ that loses its connection in flight is ``OutcomeUnknown``: it may have committed
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -81,6 +82,23 @@ class PooledDriver:
                 await greenlet_spawn(pooled.close)
             except Exception:
                 await _drop(pooled)
+
+    def release_soon(self) -> None:
+        """``commit()`` on the event loop's next turn, for a driver whose work is done.
+
+        Handing a connection back costs a greenlet switch and the pool's bookkeeping.
+        Scheduled from the end of a request, it runs after the request's task has
+        written the answer, so none of it sits between the last statement and the
+        client.
+        """
+        if self._pooled is None:
+            return
+        task = asyncio.get_running_loop().create_task(self.commit())
+        _RELEASING.add(task)  # the loop holds tasks weakly
+        task.add_done_callback(_RELEASING.discard)
+
+
+_RELEASING: set[asyncio.Task[None]] = set()
 
 
 async def _drop(pooled: PoolProxiedConnection) -> None:

@@ -350,6 +350,27 @@ async def test_a_pooled_driver_hands_its_connection_back(world: object) -> None:
 
 
 @pytest.mark.postgres_only
+async def test_release_soon_hands_the_connection_back_after_this_turn(world: object) -> None:
+    """The end of a request schedules the hand-back, so the answer is written first."""
+    rt = _rt(world)
+    pool = rt.autocommit_engine.sync_engine.pool
+    before = pool.checkedout()
+    PooledDriver(rt.autocommit_engine).release_soon()  # never connected: nothing to do
+    db = PooledDriver(rt.autocommit_engine)
+    assert await _ROW.rows(db, {"id": "none"}) == []
+    db.release_soon()
+    assert pool.checkedout() == before + 1  # still out during the request's own turn
+    for _ in range(50):
+        if pool.checkedout() == before:
+            break
+        await asyncio.sleep(0)
+    assert pool.checkedout() == before
+    assert await _ROW.rows(db, {"id": "none"}) == []  # the driver can take one again
+    await db.commit()
+    assert pool.checkedout() == before
+
+
+@pytest.mark.postgres_only
 @pytest.mark.parametrize("statement", ["read", "write"])
 async def test_a_pooled_driver_runs_a_locally_refused_statement_again(
     world: object, statement: str
