@@ -120,6 +120,39 @@ def _bearer(url: str, cred: Credential) -> Callable[[], dict[str, str]]:
     return lambda: {"Authorization": "Bearer " + fetch_token(url, cred)}
 
 
+def serve_broker(
+    stack: contextlib.ExitStack,
+    name: str,
+    database_url: str,
+    key_dir: Path,
+    port: int,
+    workers: int,
+    *,
+    log_dir: Path,
+    extra_env: dict[str, str] | None = None,
+) -> infra.Server:
+    """``broker serve`` on 127.0.0.1:``port``, dev keys, no rate limit; stopped with ``stack``."""
+    env = {
+        "BROKER_ENVIRONMENT": "dev",
+        "BROKER_DATABASE_URL": database_url,
+        "BROKER_KEY_DIR": str(key_dir),
+        "BROKER_PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "BROKER_RATE_LIMIT_PER_SECOND": "0",
+        **(extra_env or {}),
+    }
+    argv = [str(infra.VENV_BIN / "broker"), "serve", "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--workers", str(workers), "--log-level", "warning"]
+    return infra.start_server(
+        stack,
+        name,
+        argv,
+        env=infra.clean_env(env),
+        port=port,
+        log_dir=log_dir,
+        ready_path=BROKER_READY,
+    )
+
+
 def start_broker(
     stack: contextlib.ExitStack,
     cfg: DisclosureConfig,
@@ -155,23 +188,8 @@ def start_broker(
             log_dir=tmp,
             ready_path="/health",
         )
-    env = {
-        "BROKER_ENVIRONMENT": "dev",
-        "BROKER_DATABASE_URL": database_url,
-        "BROKER_KEY_DIR": str(key_dir),
-        "BROKER_PUBLIC_URL": url,
-        "BROKER_RATE_LIMIT_PER_SECOND": "0",
-    }
-    argv = [str(infra.VENV_BIN / "broker"), "serve", "--host", "127.0.0.1", "--port", str(port)]
-    argv += ["--workers", str(cfg.workers), "--log-level", "warning"]
-    server = infra.start_server(
-        stack,
-        f"broker-{backend}",
-        argv,
-        env=infra.clean_env(env),
-        port=port,
-        log_dir=tmp,
-        ready_path=BROKER_READY,
+    server = serve_broker(
+        stack, f"broker-{backend}", database_url, key_dir, port, cfg.workers, log_dir=tmp
     )
     settings = Settings(
         environment="dev",

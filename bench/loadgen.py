@@ -326,7 +326,7 @@ async def _sequential(plan: Plan, pool: _Pool, log: _Log, deadline: float) -> No
         log.add(start, time.perf_counter(), status)
 
 
-def _percentile(sorted_values: list[float], q: float) -> float:
+def percentile(sorted_values: list[float], q: float) -> float:
     if not sorted_values:
         return float("nan")
     k = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
@@ -374,12 +374,12 @@ def _summarise(plan: Plan, log: _Log, t0: float, t_end: float, conns: int) -> Re
         errors=dict(errors),
         elapsed=round(elapsed, 3),
         throughput=round(rate, 1),
-        p50_ms=round(_percentile(latencies, 0.50), 3),
-        p90_ms=round(_percentile(latencies, 0.90), 3),
-        p99_ms=round(_percentile(latencies, 0.99), 3),
+        p50_ms=round(percentile(latencies, 0.50), 3),
+        p90_ms=round(percentile(latencies, 0.90), 3),
+        p99_ms=round(percentile(latencies, 0.99), 3),
         max_ms=round(latencies[-1], 3) if latencies else float("nan"),
         mean_ms=round(sum(latencies) / len(latencies), 3) if latencies else float("nan"),
-        lag_p99_ms=round(_percentile(lags, 0.99), 3),
+        lag_p99_ms=round(percentile(lags, 0.99), 3),
         lag_max_ms=round(lags[-1], 3) if lags else float("nan"),
         connections=conns,
         capped=sent >= plan.max_requests,

@@ -38,10 +38,6 @@ class OneWriteTransport:
         self._held: list[bytes] = []
         self._held_bytes = 0
 
-    @property
-    def wrapped(self) -> asyncio.Transport:
-        return self._transport
-
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
             return
