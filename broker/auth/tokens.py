@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -23,6 +22,7 @@ from joserfc.jwk import ECKey, GuestProtocol
 
 from broker.auth.roles import ROLE_SCOPES, Principal, Role
 from broker.crypto.keystore import RetiredKey
+from broker.crypto.randomness import random_id
 from broker.errors import Unauthenticated
 
 ACCESS_TOKEN_TYP = "at+jwt"  # noqa: S105 - RFC 9068 media type, not a secret
@@ -51,7 +51,7 @@ def issue_access_token(
         "scope": " ".join(scopes),
         "iat": now,
         "exp": now + lifetime,
-        "jti": str(uuid.uuid4()),
+        "jti": random_id(),
     }
     header = {"alg": "ES256", "typ": ACCESS_TOKEN_TYP, "kid": key.kid}
     return jwt.encode(header, claims, key, algorithms=["ES256"]), lifetime

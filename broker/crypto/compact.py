@@ -106,8 +106,9 @@ def ecdh_es_a256kw(header: Mapping[str, Any], plaintext: bytes, recipient: Recip
     epk, shared_secret = _ephemeral_agreement(recipient)
     protected = b64url(orjson.dumps({**header, "epk": epk}))
     kek = concat_kdf(shared_secret, "ECDH-ES+A256KW", _KEY_WRAP_BITS)
-    cek = os.urandom(_CEK_BYTES)
-    iv = os.urandom(_IV_BYTES)
+    # One read from the OS for both (each read is a system call); never buffered.
+    key_and_iv = os.urandom(_CEK_BYTES + _IV_BYTES)
+    cek, iv = key_and_iv[:_CEK_BYTES], key_and_iv[_CEK_BYTES:]
     sealed = AESGCM(cek).encrypt(iv, plaintext, protected.encode("ascii"))
     ciphertext, tag = sealed[:-16], sealed[-16:]
     encrypted_key = aes_key_wrap(kek, cek)

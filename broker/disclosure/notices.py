@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -21,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from broker.crypto.payload import sign_claims
+from broker.crypto.randomness import random_id
 from broker.models import (
     Agency,
     ConsentGrant,
@@ -72,7 +72,7 @@ async def queue_revocation_notices(
             "instruction": "Stop using the data disclosed under this grant; "
             "delete it per data_life_days.",
             "iat": int(time.time()),
-            "jti": str(uuid.uuid4()),
+            "jti": random_id(),
         }
         session.add(
             WebhookDelivery(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -18,6 +17,7 @@ from broker.auth.roles import Principal
 from broker.crypto.commitment import reference_commitment
 from broker.crypto.datakeys import RecordUnreadable
 from broker.crypto.payload import seal_payload
+from broker.crypto.randomness import random_id
 from broker.disclosure import repository
 from broker.disclosure.decision import Denied, DisclosureRequest, GrantView, Permit, decide
 from broker.disclosure.schemas import DisclosureCreate
@@ -73,7 +73,7 @@ async def request_disclosure(
     """
     fields = _requested_fields(rt, data)
     req = DisclosureRequest(caller.agency_id, caller.client_id, data.category, data.purpose, fields)
-    disclosure_id = str(uuid.uuid4())
+    disclosure_id = random_id()
     now = datetime.now(UTC)
     # The caller's standing, the survivor, her grants and the parties: one statement.
     resolved = await repository.resolve(session, caller, data.subject_ref, data.category)

@@ -7,7 +7,6 @@ a case reference or a plain survivor id. The sequencer later gives it an index.
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from broker.auth.roles import Principal
 from broker.crypto.commitment import subject_commitment
+from broker.crypto.randomness import random_id
 from broker.models import LedgerPending
 
 ENTRY_VERSION = 1
@@ -89,7 +89,7 @@ def pending_row(
 
     ``commitment`` overrides the subject commitment.
     """
-    entry_id = str(uuid.uuid4())
+    entry_id = random_id()
     at = now or datetime.now(UTC)
     if commitment is None and subject_id is not None:
         commitment = subject_commitment(hmac_key, subject_id)

@@ -59,7 +59,6 @@ import asyncio
 import hashlib
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -69,6 +68,7 @@ from joserfc.jwk import ECKey
 
 from broker.catalog import CategorySchema, RecordInvalid
 from broker.crypto.payload import sign_claims
+from broker.crypto.randomness import random_id
 from broker.errors import BrokerError, UpstreamError, UpstreamTimeout
 from broker.sources.connections import AgencyClient
 
@@ -216,7 +216,7 @@ def _request_token(
         "sub": holder,
         "iat": now,
         "exp": now + REQUEST_TOKEN_LIFETIME,
-        "jti": str(uuid.uuid4()),
+        "jti": random_id(),
         "category": category,
         "req": hashlib.sha256(body).hexdigest(),
     }
