@@ -63,9 +63,18 @@ def cmd_keys_init(_: argparse.Namespace) -> int:
 
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
-    from broker.crypto.keystore import RETIRED_DIR, rotate_signing_key
+    from broker.crypto.keystore import RETIRED_DIR, rotate_records_kek, rotate_signing_key
 
     settings = _settings()
+    if args.which == "records":
+        old_id, new_id = rotate_records_kek(settings.key_dir)
+        print(f"records key rotated: new key {new_id}")
+        print(
+            f"the retired key {old_id} is kept in {settings.key_dir / RETIRED_DIR} and still "
+            "unwraps; restart every broker process, then run `broker keys rewrap-records`",
+            file=sys.stderr,
+        )
+        return 0
     retired, new = rotate_signing_key(settings.key_dir, args.which)
     print(f"{args.which} signing key rotated: new kid {new}")
     print(
@@ -74,6 +83,58 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+async def _rewrap_records(forget: bool) -> int:
+    from broker.crypto.keystore import forget_retired_records_keks, records_kek_id
+    from broker.runtime import build_runtime
+    from broker.subjects.rewrap import rewrap_data_keys
+
+    settings = _settings()
+    rt = build_runtime(settings)
+    try:
+        report = await rewrap_data_keys(rt.sessionmaker, rt.keys.records_keks)
+    finally:
+        await rt.aclose()
+    print(
+        f"data keys checked {report.checked}: rewrapped {report.rewrapped}, already under "
+        f"the current key {report.already_current}, unreadable {report.unreadable}, "
+        f"changed meanwhile {report.changed_meanwhile}"
+    )
+    current = records_kek_id(rt.keys.records_kek)
+    if report.unreadable:
+        print(
+            f"error: {report.unreadable} data keys open with no records key in "
+            f"{settings.key_dir}; restore the missing key from backup before going on",
+            file=sys.stderr,
+        )
+        return 1
+    if not forget:
+        print(
+            f"all data keys read are under records key {current}. Once every broker process "
+            "has restarted since the rotation, run this again with --forget-retired",
+            file=sys.stderr,
+        )
+        return 0
+    if not report.done:
+        print(
+            "not forgetting the retired keys: this pass still rewrapped or skipped some; "
+            "run it again (after every process has restarted since the rotation)",
+            file=sys.stderr,
+        )
+        return 1
+    gone = forget_retired_records_keks(settings.key_dir)
+    print(f"retired records keys deleted: {', '.join(gone) or 'none were left'}")
+    print(
+        "restart every broker process so none keeps them in memory; delete old backups of "
+        "the key folder too, or they still open the backups of the database they go with",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_keys_rewrap_records(args: argparse.Namespace) -> int:
+    return asyncio.run(_rewrap_records(args.forget_retired))
 
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:
@@ -167,11 +228,23 @@ def build_parser() -> argparse.ArgumentParser:
     ki.set_defaults(func=cmd_keys_init)
     kr = k.add_parser(
         "rotate",
-        help="replace the broker's token or payload signing key; the old one's public "
-        "half stays published so what it signed still verifies",
+        help="replace the broker's token or payload signing key (the old one's public "
+        "half stays published so what it signed still verifies) or its records key "
+        "(the old one still unwraps until `keys rewrap-records --forget-retired`)",
     )
-    kr.add_argument("which", choices=["token", "payload"])
+    kr.add_argument("which", choices=["token", "payload", "records"])
     kr.set_defaults(func=cmd_keys_rotate)
+    kw = k.add_parser(
+        "rewrap-records",
+        help="after `keys rotate records` and a restart of every process: rewrap every "
+        "survivor's data key under the current records key",
+    )
+    kw.add_argument(
+        "--forget-retired",
+        action="store_true",
+        help="then, if nothing is left under a retired key, delete the retired records keys",
+    )
+    kw.set_defaults(func=cmd_keys_rewrap_records)
     kg = k.add_parser("generate", help="make an agency's signing and encryption key pairs")
     kg.add_argument("--out", required=True)
     kg.add_argument("--name", default="agency")

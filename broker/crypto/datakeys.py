@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import secrets
 import struct
+from collections.abc import Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -24,7 +25,9 @@ __all__ = [
     "encrypt_record",
     "new_wrapped_data_key",
     "record_aad",
+    "rewrap_data_key",
     "unwrap_data_key",
+    "unwrap_with_any",
 ]
 
 DATA_KEY_BYTES = 32
@@ -58,6 +61,34 @@ def unwrap_data_key(kek: bytes, wrapped: bytes) -> bytes:
     if len(key) != DATA_KEY_BYTES:
         raise RecordUnreadable("wrapped data key has the wrong length")
     return key
+
+
+def unwrap_with_any(keks: Sequence[bytes], wrapped: bytes) -> bytes:
+    """Unwrap with the first of ``keks`` that opens ``wrapped`` (current key first).
+
+    Between ``broker keys rotate records`` and the rewrap of every stored key, data
+    keys are wrapped by either the new or a retired key. AES key wrap authenticates
+    (RFC 3394 §2.2.3), so a wrong key is detected, never used.
+    """
+    for kek in keks:
+        try:
+            return unwrap_data_key(kek, wrapped)
+        except RecordUnreadable:
+            continue
+    raise RecordUnreadable("data key cannot be unwrapped with any records key")
+
+
+def rewrap_data_key(keks: Sequence[bytes], wrapped: bytes) -> bytes | None:
+    """``wrapped`` rewrapped under ``keks[0]``; None if it already is.
+
+    ``RecordUnreadable`` if no key in ``keks`` opens it.
+    """
+    _check_key("kek", keks[0])
+    try:
+        unwrap_data_key(keks[0], wrapped)
+    except RecordUnreadable:
+        return aes_key_wrap(keks[0], unwrap_with_any(keks[1:], wrapped))
+    return None
 
 
 def record_aad(subject_id: str, agency_id: str, category: str) -> bytes:

@@ -25,9 +25,14 @@ retired payload key stays published, so payloads an agency kept still verify. A
 retired token key is trusted and published only as long as tokens it signed can
 live (``RETIRED_TOKEN_TRUST_SECONDS`` from its retirement or from this process's
 start, whichever is later): after that, whoever holds the old private key can mint
-neither access tokens nor records-endpoint requests. The other three keys are not
-rotated here: old ledger checkpoints, subject commitments and wrapped data keys
-depend on them.
+neither access tokens nor records-endpoint requests.
+
+The records key rotates too (``broker keys rotate records``): the old key is kept
+whole as ``retired/records-kek.<id>.key`` (``records_kek_id``: a labelled hash,
+not the key) and still unwraps, never wraps, until ``broker keys rewrap-records``
+has moved every data key to the new one and ``--forget-retired`` deletes it. The
+checkpoint and subject-commitment keys are not rotated here: old ledger checkpoints
+and every commitment in the ledger depend on them.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import hashlib
 import os
 import re
 import secrets
@@ -58,8 +64,11 @@ __all__ = [
     "KeyFileInsecure",
     "KeysMissing",
     "RetiredKey",
+    "forget_retired_records_keks",
     "generate_agency_keys",
     "generate_p256_enc_keys",
+    "records_kek_id",
+    "rotate_records_kek",
     "rotate_signing_key",
 ]
 
@@ -273,6 +282,13 @@ class BrokerKeys:
     records_kek: bytes
     retired_token: tuple[RetiredKey, ...] = ()
     retired_payload: tuple[RetiredKey, ...] = ()
+    #: Records keys rotated out and not yet forgotten: they only unwrap, never wrap.
+    retired_records_keks: tuple[bytes, ...] = ()
+
+    @property
+    def records_keks(self) -> tuple[bytes, ...]:
+        """Every records key that may unwrap a data key: the current one first."""
+        return (self.records_kek, *self.retired_records_keks)
 
     def __repr__(self) -> str:
         # Only public identifiers: this object ends up in tracebacks and debug logs.
@@ -317,6 +333,7 @@ class BrokerKeys:
             records_kek=_load(key_dir / RECORDS_KEK_FILE, _decode_secret),
             retired_token=_load_retired(key_dir, "token", RETIRED_TOKEN_TRUST_SECONDS),
             retired_payload=_load_retired(key_dir, "payload", None),
+            retired_records_keks=_load_retired_records_keks(key_dir),
         )
 
     @classmethod
@@ -439,6 +456,64 @@ def rotate_signing_key(key_dir: Path, which: str) -> tuple[str, str]:
     new = _new_ec_signing_key()
     _replace_file(path, _jwk_bytes(new, private=True))
     return str(old.kid), str(new.kid)
+
+
+def records_kek_id(kek: bytes) -> str:
+    """A records key's public name: 16 hex digits of a labelled SHA-256, never the key."""
+    return hashlib.sha256(b"consent-broker/records-kek-id\x00" + kek).hexdigest()[:16]
+
+
+def _retired_records_name(kek_id: str) -> str:
+    return f"records-kek.{kek_id}.key"
+
+
+def _load_retired_records_keks(key_dir: Path) -> tuple[bytes, ...]:
+    """Retired records keys, by file name; a file whose key is not its name's is refused."""
+    folder = key_dir / RETIRED_DIR
+    if not folder.is_dir():
+        return ()
+    found = []
+    for path in sorted(folder.glob("records-kek.*.key")):
+        kek = _load(path, _decode_secret)
+        if path.name != _retired_records_name(records_kek_id(kek)):
+            raise ValueError(f"key file {path} does not hold the key its name gives")
+        found.append(kek)
+    return tuple(found)
+
+
+def rotate_records_kek(key_dir: Path) -> tuple[str, str]:
+    """Replace the records key (KEK); returns (retired id, new id).
+
+    The old key is copied into ``retired/`` before the new one replaces the file, so
+    no crash can leave a data key wrapped by a key the broker no longer has. Every
+    process must restart to wrap with the new key; ``broker keys rewrap-records`` then
+    rewraps the stored data keys, and ``--forget-retired`` deletes the old key.
+    """
+    key_dir = Path(key_dir)
+    path = key_dir / RECORDS_KEK_FILE
+    if not path.exists():
+        raise KeysMissing(key_dir, [path.name])
+    old = _load(path, _decode_secret)
+    retired_dir = key_dir / RETIRED_DIR
+    _ensure_private_dir(retired_dir)
+    old_id = records_kek_id(old)
+    # Already there after a rotation cut short: the same bytes, so nothing to do.
+    _write_new_file(retired_dir / _retired_records_name(old_id), _encode_secret(old))
+    new = secrets.token_bytes(SECRET_BYTES)
+    _replace_file(path, _encode_secret(new))
+    return old_id, records_kek_id(new)
+
+
+def forget_retired_records_keks(key_dir: Path) -> list[str]:
+    """Delete every retired records key file; returns the ids deleted."""
+    folder = Path(key_dir) / RETIRED_DIR
+    gone = []
+    for path in sorted(folder.glob("records-kek.*.key")) if folder.is_dir() else []:
+        path.unlink()
+        gone.append(path.name.split(".")[1])
+    if gone:
+        _fsync_dir(folder)
+    return gone
 
 
 def _parse_checkpoint(data: bytes) -> Ed25519PrivateKey:

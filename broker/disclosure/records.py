@@ -42,7 +42,7 @@ async def deposit(
     if row is None or row.wrapped_data_key is None:
         raise NotFound("No survivor is linked to this reference for your agency.")
     blob = seal_record(
-        rt.keys.records_kek, row.wrapped_data_key, row.id, caller.agency_id, body.category, clean
+        rt.keys.records_keks, row.wrapped_data_key, row.id, caller.agency_id, body.category, clean
     )
     held = await repository.held_record(session, row.id, caller.agency_id, body.category)
     if held is None:

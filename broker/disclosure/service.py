@@ -316,7 +316,7 @@ class _Context:
         if source.held is None:
             return None, 0
         record = open_record(
-            self.rt.keys.records_kek,
+            self.rt.keys.records_keks,
             wrapped_key,
             self.subject_id,
             source.id,

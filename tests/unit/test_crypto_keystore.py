@@ -13,6 +13,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from joserfc.jwk import ECKey, thumbprint
 
+from broker.crypto.datakeys import (
+    RecordUnreadable,
+    new_wrapped_data_key,
+    rewrap_data_key,
+    unwrap_data_key,
+    unwrap_with_any,
+)
 from broker.crypto.jwks import validate_public_jwks
 from broker.crypto.keystore import (
     BROKER_KEY_FILES,
@@ -20,8 +27,11 @@ from broker.crypto.keystore import (
     BrokerKeys,
     KeyFileInsecure,
     KeysMissing,
+    forget_retired_records_keks,
     generate_agency_keys,
     generate_p256_enc_keys,
+    records_kek_id,
+    rotate_records_kek,
     rotate_signing_key,
 )
 from broker.crypto.payload import PayloadInvalid, sign_claims, verify_signed
@@ -357,3 +367,62 @@ def test_only_signing_keys_rotate(key_dir: Path, which: str) -> None:
 def test_rotate_needs_the_key_it_replaces(key_dir: Path) -> None:
     with pytest.raises(KeysMissing):
         rotate_signing_key(key_dir, "token")
+
+
+# --------------------------------------------------------------------------- records key
+
+
+def test_rotating_the_records_key_keeps_the_old_one_for_unwrapping_only(key_dir: Path) -> None:
+    first = BrokerKeys.generate(key_dir).records_kek
+    first_id, second_id = rotate_records_kek(key_dir)
+    second = BrokerKeys.load(key_dir).records_kek
+    third_id = rotate_records_kek(key_dir)[1]
+    keys = BrokerKeys.load(key_dir)
+    assert (first_id, second_id) == (records_kek_id(first), records_kek_id(second))
+    assert records_kek_id(keys.records_kek) == third_id
+    assert keys.records_keks[0] == keys.records_kek
+    assert sorted(keys.retired_records_keks) == sorted([first, second])
+    for kek in (first, second):
+        path = key_dir / "retired" / f"records-kek.{records_kek_id(kek)}.key"
+        assert _mode(path) == 0o600
+        assert base64.b64decode(path.read_bytes()) == kek
+    text = repr(keys)
+    assert first.hex() not in text and base64.b64encode(first).decode() not in text
+    assert sorted(forget_retired_records_keks(key_dir)) == sorted([first_id, second_id])
+    assert BrokerKeys.load(key_dir).retired_records_keks == ()
+    assert forget_retired_records_keks(key_dir) == []
+
+
+def test_a_records_key_id_names_the_key_without_revealing_it() -> None:
+    kek = os.urandom(32)
+    kek_id = records_kek_id(kek)
+    assert len(kek_id) == 16 and int(kek_id, 16) >= 0
+    assert kek_id not in kek.hex() and records_kek_id(os.urandom(32)) != kek_id
+
+
+def test_a_retired_records_key_under_another_name_is_refused(key_dir: Path) -> None:
+    BrokerKeys.generate(key_dir)
+    rotate_records_kek(key_dir)
+    (retired,) = (key_dir / "retired").glob("records-kek.*.key")
+    retired.rename(retired.with_name("records-kek.0000000000000000.key"))
+    with pytest.raises(ValueError, match="does not hold the key its name gives"):
+        BrokerKeys.load(key_dir)
+
+
+def test_rotating_the_records_key_needs_the_key_it_replaces(key_dir: Path) -> None:
+    with pytest.raises(KeysMissing):
+        rotate_records_kek(key_dir)
+
+
+def test_rewrap_moves_a_data_key_to_the_current_key_and_keeps_it() -> None:
+    old, new, stranger = os.urandom(32), os.urandom(32), os.urandom(32)
+    wrapped = new_wrapped_data_key(old)
+    data_key = unwrap_data_key(old, wrapped)
+    moved = rewrap_data_key((new, old), wrapped)
+    assert moved is not None and unwrap_data_key(new, moved) == data_key
+    assert rewrap_data_key((new, old), moved) is None  # already current
+    assert unwrap_with_any((new, old), wrapped) == unwrap_with_any((new, old), moved) == data_key
+    with pytest.raises(RecordUnreadable):
+        rewrap_data_key((new, stranger), wrapped)
+    with pytest.raises(RecordUnreadable):
+        unwrap_with_any((stranger,), wrapped)

@@ -1,0 +1,208 @@
+"""Rotating the records key: held records stay readable through every step, and once
+the retired key is forgotten it opens nothing the broker stores."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import select
+
+from broker.app import create_app
+from broker.crypto.datakeys import RecordUnreadable, unwrap_data_key
+from broker.crypto.keystore import (
+    RETIRED_DIR,
+    BrokerKeys,
+    forget_retired_records_keks,
+    records_kek_id,
+    rotate_records_kek,
+)
+from broker.crypto.payload import open_payload
+from broker.models import Subject
+from broker.runtime import Runtime
+from broker.settings import Settings
+from broker.subjects.rewrap import rewrap_data_keys
+from tests.support import BASE_URL, Story, World, consent_body, story_one
+
+BIN = Path(sys.executable).parent
+RECORD = {"intake_date": "2024-03-02", "bed_status": "assigned"}
+ASK = {"subject_ref": "PD-24-0193", "category": "shelter", "purpose": "safety_planning"}
+
+
+async def _deposit_and_grant(world: World) -> Story:
+    s = await story_one(world)
+    depositor = await world.client(s.shelter.id, "agency", "shelter case system")
+    r = await depositor.post(
+        "/v1/records", json={"subject_ref": "HH-2024-0042", "category": "shelter", "record": RECORD}
+    )
+    assert r.status_code == 201, r.text
+    await world.grant(
+        s.advocate,
+        **consent_body(
+            subject_id=s.subject_id,
+            source_agency_ids=[s.shelter.id],
+            recipient_agency_id=s.police.id,
+        ),
+    )
+    return s
+
+
+@asynccontextmanager
+async def _restarted(settings: Settings, key_dir: Path) -> AsyncIterator[FastAPI]:
+    """A fresh app on the same database with the keys now in ``key_dir``: a restart."""
+    app = create_app(settings.model_copy(update={"key_dir": key_dir}))
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+async def _disclose(app: FastAPI, token: str, s: Story) -> dict[str, Any]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
+        resp = await http.post(
+            "/v1/disclosures", json=ASK, headers={"Authorization": f"Bearer {token}"}
+        )
+        assert resp.status_code == 200, resp.text
+        jwks = (await http.get("/.well-known/jwks.json")).json()
+    claims = open_payload(resp.json()["payload"], s.police.enc_private, jwks)
+    data: dict[str, Any] = claims["data"]
+    return data
+
+
+async def _wrapped_keys(rt: Runtime) -> dict[str, bytes]:
+    async with rt.sessionmaker() as session:
+        rows = (await session.execute(select(Subject.id, Subject.wrapped_data_key))).all()
+    return {sid: wrapped for sid, wrapped in rows if wrapped is not None}
+
+
+async def test_held_records_stay_readable_through_rotation_rewrap_and_forgetting(
+    world: World, tmp_path: Path
+) -> None:
+    s = await _deposit_and_grant(world)
+    token = await s.officer.token()
+    assert await _disclose(world.app, token, s) == RECORD
+    old_kek = world.rt.keys.records_kek
+    keys = tmp_path / "keys"
+    shutil.copytree(world.rt.settings.key_dir, keys)  # the session's folder stays as it is
+
+    old_id, new_id = rotate_records_kek(keys)
+    assert old_id == records_kek_id(old_kek) and new_id != old_id
+    retired = keys / RETIRED_DIR / f"records-kek.{old_id}.key"
+    assert retired.stat().st_mode & 0o777 == 0o600
+
+    async with _restarted(world.rt.settings, keys) as app:
+        rt: Runtime = app.state.runtime
+        assert rt.keys.records_keks == (rt.keys.records_kek, old_kek)
+        # Before the rewrap the survivor's key is still under the retired key.
+        assert await _disclose(app, token, s) == RECORD
+        # A survivor enrolled after the restart gets a key under the new one.
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
+            advocate_token = await s.advocate.token()
+            made = await http.post(
+                "/v1/subjects", json={}, headers={"Authorization": f"Bearer {advocate_token}"}
+            )
+            assert made.status_code == 201, made.text
+        before = await _wrapped_keys(rt)
+        report = await rewrap_data_keys(rt.sessionmaker, rt.keys.records_keks)
+        assert (report.checked, report.rewrapped, report.already_current) == (2, 1, 1)
+        assert not report.done  # this pass changed something: run it again to be sure
+        after = await _wrapped_keys(rt)
+        assert after[made.json()["subject_id"]] == before[made.json()["subject_id"]]
+        for wrapped in after.values():  # every key now opens with the new key alone...
+            unwrap_data_key(rt.keys.records_kek, wrapped)
+            with pytest.raises(RecordUnreadable):  # ...and no longer with the old one
+                unwrap_data_key(old_kek, wrapped)
+        # The data key itself did not change: the old ciphertext still opens.
+        assert unwrap_data_key(rt.keys.records_kek, after[s.subject_id]) == unwrap_data_key(
+            old_kek, before[s.subject_id]
+        )
+        again = await rewrap_data_keys(rt.sessionmaker, rt.keys.records_keks)
+        assert again.done and (again.checked, again.already_current) == (2, 2)
+
+    assert forget_retired_records_keks(keys) == [old_id]
+    assert not retired.exists()
+    assert BrokerKeys.load(keys).retired_records_keks == ()
+    async with _restarted(world.rt.settings, keys) as app:
+        assert await _disclose(app, token, s) == RECORD
+        # A new deposit is sealed under the same data key, through the new records key.
+        depositor = await world.client(s.shelter.id, "agency", "second case system")
+        deposit_token = await depositor.token()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
+            r = await http.post(
+                "/v1/records",
+                json={"subject_ref": "HH-2024-0042", "category": "shelter", "record": RECORD},
+                headers={"Authorization": f"Bearer {deposit_token}"},
+            )
+            assert r.status_code == 201, r.text
+        assert await _disclose(app, token, s) == RECORD
+
+
+async def test_a_key_no_records_key_opens_is_counted_not_touched(world: World) -> None:
+    s = await _deposit_and_grant(world)
+    rt = world.rt
+    stranger = os.urandom(32)  # as if the key that wrapped it were lost
+    report = await rewrap_data_keys(rt.sessionmaker, (stranger,))
+    assert (report.checked, report.unreadable, report.rewrapped) == (1, 1, 0)
+    assert not report.done
+    # Nothing was written: the row still opens with the real key.
+    unwrap_data_key(rt.keys.records_kek, (await _wrapped_keys(rt))[s.subject_id])
+
+
+async def test_concurrent_rewraps_write_each_key_once(world: World, tmp_path: Path) -> None:
+    s = await story_one(world)
+    for _ in range(11):
+        await world.subject(s.advocate)
+    keys = tmp_path / "keys"
+    shutil.copytree(world.rt.settings.key_dir, keys)
+    rotate_records_kek(keys)
+    async with _restarted(world.rt.settings, keys) as app:
+        rt: Runtime = app.state.runtime
+        a, b = await asyncio.gather(
+            rewrap_data_keys(rt.sessionmaker, rt.keys.records_keks, batch=3),
+            rewrap_data_keys(rt.sessionmaker, rt.keys.records_keks, batch=5),
+        )
+        assert a.checked == b.checked == 12
+        # Each key was rewritten by exactly one pass; the other saw it current or changed.
+        assert a.rewrapped + b.rewrapped == 12
+        for wrapped in (await _wrapped_keys(rt)).values():
+            unwrap_data_key(rt.keys.records_kek, wrapped)
+
+
+def test_rotate_and_rewrap_from_the_shell(tmp_path: Path, database_url: str) -> None:
+    env = {
+        **os.environ,
+        "BROKER_ENVIRONMENT": "production",
+        "BROKER_KEY_DIR": str(tmp_path / "keys"),
+        "BROKER_DATABASE_URL": database_url,
+    }
+
+    def broker(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(  # noqa: S603
+            [str(BIN / "broker"), *args], env=env, capture_output=True, text=True, check=False
+        )
+
+    assert broker("keys", "init").returncode == 0
+    rotated = broker("keys", "rotate", "records")
+    assert rotated.returncode == 0, rotated.stderr
+    assert rotated.stdout.startswith("records key rotated: new key ")
+    assert "restart every broker process" in rotated.stderr
+    first = broker("keys", "rewrap-records")
+    assert first.returncode == 0, first.stderr
+    assert "checked 0: rewrapped 0" in first.stdout
+    assert "--forget-retired" in first.stderr
+    assert len(list((tmp_path / "keys" / RETIRED_DIR).glob("records-kek.*.key"))) == 1
+    forgot = broker("keys", "rewrap-records", "--forget-retired")
+    assert forgot.returncode == 0, forgot.stderr
+    assert "retired records keys deleted: " in forgot.stdout
+    assert list((tmp_path / "keys" / RETIRED_DIR).glob("records-kek.*.key")) == []
