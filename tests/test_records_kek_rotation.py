@@ -206,3 +206,53 @@ def test_rotate_and_rewrap_from_the_shell(tmp_path: Path, database_url: str) -> 
     assert forgot.returncode == 0, forgot.stderr
     assert "retired records keys deleted: " in forgot.stdout
     assert list((tmp_path / "keys" / RETIRED_DIR).glob("records-kek.*.key")) == []
+
+
+async def test_a_process_not_restarted_after_the_rotation_refuses_to_enrol(
+    world: World, tmp_path: Path
+) -> None:
+    """It would wrap with the retired key, which may be forgotten later: it refuses,
+    and stores nothing, while what it already holds stays readable."""
+    s = await _deposit_and_grant(world)
+    token = await s.officer.token()
+    advocate_token = await s.advocate.token()
+    keys = tmp_path / "keys"
+    shutil.copytree(world.rt.settings.key_dir, keys)
+    async with _restarted(world.rt.settings, keys) as app:
+        rt: Runtime = app.state.runtime
+        transport = httpx.ASGITransport(app=app)
+        auth = {"Authorization": f"Bearer {advocate_token}"}
+        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
+            assert (await http.post("/v1/subjects", json={}, headers=auth)).status_code == 201
+            rotate_records_kek(keys)  # while this process runs with the old key
+            before = await _wrapped_keys(rt)
+            refused = await http.post("/v1/subjects", json={}, headers=auth)
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["content-type"].startswith("application/problem+json")
+            assert "restart" in refused.json()["detail"]
+            assert await _wrapped_keys(rt) == before  # nothing stored
+        assert await _disclose(app, token, s) == RECORD
+    async with _restarted(world.rt.settings, keys) as app:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
+            made = await http.post("/v1/subjects", json={}, headers=auth)
+            assert made.status_code == 201, made.text
+        rt = app.state.runtime
+        wrapped = (await _wrapped_keys(rt))[made.json()["subject_id"]]
+        unwrap_data_key(rt.keys.records_kek, wrapped)  # under the new key
+
+
+async def test_an_unreadable_records_key_file_stops_enrolment(world: World, tmp_path: Path) -> None:
+    s = await story_one(world)
+    advocate_token = await s.advocate.token()
+    keys = tmp_path / "keys"
+    shutil.copytree(world.rt.settings.key_dir, keys)
+    async with _restarted(world.rt.settings, keys) as app:
+        (keys / "records-kek.key").chmod(0o644)  # now refused as group/world readable
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
+            refused = await http.post(
+                "/v1/subjects", json={}, headers={"Authorization": f"Bearer {advocate_token}"}
+            )
+        assert refused.status_code == 503, refused.text
+        assert "0644" not in refused.text and str(keys) not in refused.text

@@ -41,6 +41,7 @@ import base64
 import binascii
 import contextlib
 import hashlib
+import hmac
 import os
 import re
 import secrets
@@ -63,6 +64,7 @@ __all__ = [
     "BrokerKeys",
     "KeyFileInsecure",
     "KeysMissing",
+    "RecordsKeyRotated",
     "RetiredKey",
     "forget_retired_records_keks",
     "generate_agency_keys",
@@ -105,6 +107,10 @@ class KeysMissing(RuntimeError):
             hint or f"Create them with `BROKER_KEY_DIR={key_dir} broker keys init`."
         )
         super().__init__(message)
+
+
+class RecordsKeyRotated(RuntimeError):
+    """The records key file no longer holds the key this process loaded."""
 
 
 class KeyFileInsecure(PermissionError):
@@ -284,11 +290,31 @@ class BrokerKeys:
     retired_payload: tuple[RetiredKey, ...] = ()
     #: Records keys rotated out and not yet forgotten: they only unwrap, never wrap.
     retired_records_keks: tuple[bytes, ...] = ()
+    #: Where the keys were loaded from (None for keys made in memory).
+    key_dir: Path | None = None
 
     @property
     def records_keks(self) -> tuple[bytes, ...]:
         """Every records key that may unwrap a data key: the current one first."""
         return (self.records_kek, *self.retired_records_keks)
+
+    def wrapping_kek(self) -> bytes:
+        """The records key to wrap a new survivor's data key with, checked against the file.
+
+        A process not restarted since ``broker keys rotate records`` still holds the old
+        key, which ``rewrap-records --forget-retired`` may delete once the stored keys
+        are moved: what such a process wrapped would then open with nothing. It refuses
+        (``RecordsKeyRotated``) instead. Enrolment is rare; reading a 45-byte file is not
+        a cost there. Unwrapping needs no such check: a stale process fails to open a
+        rewrapped key, which loses nothing.
+        """
+        if self.key_dir is not None:
+            on_disk = _load(self.key_dir / RECORDS_KEK_FILE, _decode_secret)
+            if not hmac.compare_digest(on_disk, self.records_kek):
+                raise RecordsKeyRotated(
+                    "the records key was rotated after this process started; restart it"
+                )
+        return self.records_kek
 
     def __repr__(self) -> str:
         # Only public identifiers: this object ends up in tracebacks and debug logs.
@@ -334,6 +360,7 @@ class BrokerKeys:
             retired_token=_load_retired(key_dir, "token", RETIRED_TOKEN_TRUST_SECONDS),
             retired_payload=_load_retired(key_dir, "payload", None),
             retired_records_keks=_load_retired_records_keks(key_dir),
+            key_dir=key_dir,
         )
 
     @classmethod

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -12,18 +14,29 @@ from broker.consent.schemas import ConsentLifecycle
 from broker.consent.service import revoke_all_for_subject
 from broker.crypto.commitment import reference_commitment
 from broker.crypto.datakeys import new_wrapped_data_key
-from broker.errors import Conflict
+from broker.crypto.keystore import RecordsKeyRotated
+from broker.errors import Conflict, ServiceUnavailable
 from broker.ledger.entries import append_entry
 from broker.models import ConsentGrant, Disclosure, HeldRecord, Subject, SubjectReference
 from broker.runtime import Runtime
 from broker.subjects.repository import get_readable_subject
 from broker.subjects.schemas import ReferenceCreate
 
+log = logging.getLogger("broker.subjects")
+
 
 async def enrol(session: AsyncSession, rt: Runtime, actor: Principal) -> Subject:
+    try:
+        kek = rt.keys.wrapping_kek()
+    except (RecordsKeyRotated, OSError, ValueError):
+        # Logged by name only: the messages name key files, never key material.
+        log.error("enrolment refused: the records key file changed or cannot be read")
+        raise ServiceUnavailable(
+            "The broker's records key changed or cannot be read since this broker process "
+            "started; the operator must restart it. Nothing was stored."
+        ) from None
     subject = Subject(
-        enrolled_by_agency_id=actor.agency_id,
-        wrapped_data_key=new_wrapped_data_key(rt.keys.records_kek),
+        enrolled_by_agency_id=actor.agency_id, wrapped_data_key=new_wrapped_data_key(kek)
     )
     session.add(subject)
     await session.flush()

@@ -27,6 +27,7 @@ from broker.crypto.keystore import (
     BrokerKeys,
     KeyFileInsecure,
     KeysMissing,
+    RecordsKeyRotated,
     forget_retired_records_keks,
     generate_agency_keys,
     generate_p256_enc_keys,
@@ -426,3 +427,14 @@ def test_rewrap_moves_a_data_key_to_the_current_key_and_keeps_it() -> None:
         rewrap_data_key((new, stranger), wrapped)
     with pytest.raises(RecordUnreadable):
         unwrap_with_any((stranger,), wrapped)
+
+
+def test_the_wrapping_key_is_checked_against_the_file(key_dir: Path) -> None:
+    keys = BrokerKeys.generate(key_dir)
+    assert keys.wrapping_kek() == keys.records_kek
+    rotate_records_kek(key_dir)
+    with pytest.raises(RecordsKeyRotated, match="restart"):
+        keys.wrapping_kek()
+    assert BrokerKeys.load(key_dir).wrapping_kek() != keys.records_kek
+    in_memory = BrokerKeys(**{**keys.__dict__, "key_dir": None})
+    assert in_memory.wrapping_kek() == keys.records_kek
