@@ -165,7 +165,7 @@ async def driver_session(request: Request) -> AsyncIterator[DbSession]:
         async with request_session(request) as session:
             yield session
         return
-    driver = PooledDriver(rt.autocommit_engine)
+    driver = PooledDriver(rt.autocommit_engine, rt.driver_gate)
     try:
         yield driver
     except DBAPIError as exc:

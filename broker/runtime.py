@@ -34,6 +34,9 @@ class Runtime:
     #: the transactional engine and sessionmaker above, since it has no round trips.
     autocommit_engine: AsyncEngine
     autocommit_sessionmaker: async_sessionmaker[AsyncSession]
+    #: PostgreSQL: the first-come-first-served line of ``PooledDriver``s for
+    #: ``autocommit_engine``'s connections (``broker.hot_sql``). None on SQLite.
+    driver_gate: asyncio.Semaphore | None
     token_verifier: AccessTokenVerifier
     http: AgencyClient  # records endpoints and webhooks
     limiter: RateLimiter
@@ -67,9 +70,11 @@ def build_runtime(settings: Settings) -> Runtime:
     engine = make_engine(settings.database_url, **pools)
     sessionmaker = make_sessionmaker(engine)
     autocommit_engine, autocommit_sessionmaker = engine, sessionmaker
+    driver_gate = None
     if engine.dialect.name == "postgresql":
         autocommit_engine = make_engine(settings.database_url, autocommit=True, **pools)
         autocommit_sessionmaker = make_sessionmaker(autocommit_engine)
+        driver_gate = asyncio.Semaphore(settings.db_pool_size + settings.db_max_overflow)
     http = AgencyClient(
         max_connections=settings.records_max_connections,
         read_timeout=settings.records_read_timeout,
@@ -83,6 +88,7 @@ def build_runtime(settings: Settings) -> Runtime:
         sessionmaker=sessionmaker,
         autocommit_engine=autocommit_engine,
         autocommit_sessionmaker=autocommit_sessionmaker,
+        driver_gate=driver_gate,
         token_verifier=AccessTokenVerifier(
             keys.token_signing, settings.issuer, retired=keys.retired_token
         ),

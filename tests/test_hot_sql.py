@@ -371,6 +371,67 @@ async def test_release_soon_hands_the_connection_back_after_this_turn(world: obj
 
 
 @pytest.mark.postgres_only
+@pytest.mark.parametrize("gated", [True, False])
+async def test_connections_go_to_drivers_in_the_order_they_asked(
+    world: object, gated: bool
+) -> None:
+    """A connection handed back by ``release_soon`` goes to the longest waiter, not to
+    a request that arrived in the same turn (which the pool's own queue allows)."""
+    rt = _rt(world)
+    engine = make_engine(rt.settings.database_url, autocommit=True, pool_size=1, max_overflow=0)
+    gate = asyncio.Semaphore(1) if gated else None
+    served: list[str] = []
+
+    async def request(name: str, db: PooledDriver) -> None:
+        await db.driver()
+        served.append(name)
+        db.release_soon()
+
+    try:
+        holder = PooledDriver(engine, gate)
+        await holder.driver()
+        first = asyncio.create_task(request("first", PooledDriver(engine, gate)))
+        for _ in range(20):  # let it reach the wait for a connection
+            await asyncio.sleep(0)
+        assert served == []
+        holder.release_soon()  # the hand-back runs next turn...
+        later = asyncio.create_task(request("later", PooledDriver(engine, gate)))  # ...as this
+        async with asyncio.timeout(10):
+            await asyncio.gather(first, later)
+        if gated:
+            assert served == ["first", "later"]
+        else:  # the pool alone: the newcomer takes the connection the waiter was owed
+            assert served == ["later", "first"]
+        for _ in range(20):
+            await asyncio.sleep(0)
+        if gate is not None:
+            assert not gate.locked()  # every permit came back
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.postgres_only
+async def test_a_driver_that_waits_too_long_for_the_gate_gets_a_database_error(
+    world: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rt = _rt(world)
+    monkeypatch.setattr("broker.hot_sql.GATE_TIMEOUT_SECONDS", 0.05)
+    gate = asyncio.Semaphore(1)
+    holder = PooledDriver(rt.autocommit_engine, gate)
+    await holder.driver()
+    try:
+        with pytest.raises(DBAPIError, match="no database connection came free"):
+            await PooledDriver(rt.autocommit_engine, gate).driver()
+    finally:
+        await holder.commit()
+    assert not gate.locked()
+    again = PooledDriver(rt.autocommit_engine, gate)
+    await again.driver()
+    await again.reconnect()
+    assert not gate.locked()
+
+
+@pytest.mark.postgres_only
 @pytest.mark.parametrize("statement", ["read", "write"])
 async def test_a_pooled_driver_runs_a_locally_refused_statement_again(
     world: object, statement: str
