@@ -58,6 +58,10 @@ def make_engine(database_url: str, *, autocommit: bool = False, **kwargs: Any) -
     """An engine; ``autocommit`` (PostgreSQL only) runs every statement on its own.
 
     JSON columns are read with orjson: grants and key sets are read on every disclosure.
+    PostgreSQL pools are LIFO: below peak, requests keep to the few connections used
+    last, whose backends are warm, instead of cycling through every connection a
+    burst opened (unloaded p50 1.77 -> 1.49 ms in the bench). A connection left idle
+    at the bottom that the server has closed is found at checkout and replaced.
     """
     kwargs.setdefault("json_deserializer", orjson.loads)
     if database_url.startswith("sqlite"):
@@ -68,6 +72,7 @@ def make_engine(database_url: str, *, autocommit: bool = False, **kwargs: Any) -
         return engine
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 10)
+    kwargs.setdefault("pool_use_lifo", True)
     if autocommit:
         kwargs["isolation_level"] = "AUTOCOMMIT"
     engine = create_async_engine(database_url, **kwargs)

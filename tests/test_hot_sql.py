@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import Text, bindparam, cast, func, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, StatementError
 from sqlalchemy.pool import QueuePool
+from sqlalchemy.util.concurrency import greenlet_spawn
 from starlette.requests import Request
 
 from broker.consent.endpoints import revoke_consent
@@ -479,5 +480,27 @@ async def test_a_pooled_driver_that_cannot_connect_raises_sqlalchemys_error(
     try:
         with pytest.raises(DBAPIError):
             await PooledDriver(engine).driver()
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.postgres_only
+@pytest.mark.parametrize("autocommit", [True, False])
+async def test_the_pool_hands_out_the_connection_used_last(world: object, autocommit: bool) -> None:
+    """LIFO: at low load one backend stays warm (caches, prepared statements) instead of
+    every request going to the connection idle longest. In the bench's sequential
+    phase, after a burst had opened 20 connections, p50 went from 1.77 to 1.49 ms."""
+    rt = _rt(world)
+    engine = make_engine(
+        rt.settings.database_url, autocommit=autocommit, pool_size=3, max_overflow=0
+    )
+    try:
+        taken = [await engine.raw_connection() for _ in range(3)]
+        drivers = [c.driver_connection for c in taken]
+        for conn in taken:  # back in the order a, b, c
+            await greenlet_spawn(conn.close)
+        again = await engine.raw_connection()
+        assert again.driver_connection is drivers[-1]
+        await greenlet_spawn(again.close)
     finally:
         await engine.dispose()
