@@ -151,10 +151,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _peak(sides: dict[str, tuple[infra.Server, _Conn]], bodies: list[str], rounds: int) -> None:
-    """Closed-loop bursts, sides alternating: throughput and server CPU per request."""
+    """Closed-loop bursts, sides alternating: throughput, server CPU per request, and
+    the latency spread (a change can keep throughput and starve some requests)."""
     names = list(sides)
     rates: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
+    p50: dict[str, list[float]] = {n: [] for n in names}
+    p99: dict[str, list[float]] = {n: [] for n in names}
     for i in range(rounds):
         for name in names if i % 2 == 0 else names[::-1]:
             server, conn = sides[name]
@@ -179,11 +182,15 @@ def _peak(sides: dict[str, tuple[infra.Server, _Conn]], bodies: list[str], round
                 raise RuntimeError(f"{name}: {result.ok} ok, errors {result.errors}")
             rates[name].append(result.throughput)
             cpu[name].append(used * 1000 / max(result.sent, 1))
+            p50[name].append(result.p50_ms)
+            p99[name].append(result.p99_ms)
     for name in names:
         print(
             f"{name} peak: median {statistics.median(rates[name]):,.0f} req/s "
             f"(runs {', '.join(f'{r:,.0f}' for r in rates[name])}); "
-            f"server CPU median {statistics.median(cpu[name]):.3f} ms/request"
+            f"server CPU median {statistics.median(cpu[name]):.3f} ms/request; "
+            f"latency medians p50 {statistics.median(p50[name]):.1f} ms, "
+            f"p99 {statistics.median(p99[name]):.1f} ms"
         )
     ratios = [a / b for a, b in zip(rates[names[0]], rates[names[1]], strict=True)]
     print(f"A / B throughput, median of {rounds} paired bursts: {statistics.median(ratios):.3f}")
