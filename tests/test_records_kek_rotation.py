@@ -28,7 +28,7 @@ from broker.crypto.keystore import (
     rotate_records_kek,
 )
 from broker.crypto.payload import open_payload
-from broker.models import Subject
+from broker.models import Disclosure, Subject
 from broker.runtime import Runtime
 from broker.settings import Settings
 from broker.subjects.rewrap import rewrap_data_keys
@@ -256,3 +256,40 @@ async def test_an_unreadable_records_key_file_stops_enrolment(world: World, tmp_
             )
         assert refused.status_code == 503, refused.text
         assert "0644" not in refused.text and str(keys) not in refused.text
+
+
+async def test_a_process_whose_key_was_forgotten_says_unavailable_not_no_record(
+    world: World, tmp_path: Path
+) -> None:
+    """The rotation's steps done out of order: the stored keys were rewrapped while this
+    process still runs with the old key only. Its answers must not say "no record"
+    (an agency would act on that) nor be a 500; the failure is in the ledger."""
+    s = await _deposit_and_grant(world)
+    token = await s.officer.token()
+    keys = tmp_path / "keys"
+    shutil.copytree(world.rt.settings.key_dir, keys)
+    rotate_records_kek(keys)
+    async with _restarted(world.rt.settings, keys) as app:
+        rt: Runtime = app.state.runtime
+        await rewrap_data_keys(rt.sessionmaker, rt.keys.records_keks)
+    # world.app is the stale process: it holds only the old key.
+    asked = await s.officer.post("/v1/disclosures", json=ASK)
+    assert asked.status_code == 503, asked.text
+    assert asked.headers["content-type"].startswith("application/problem+json")
+    assert "nothing was disclosed" in asked.json()["detail"]
+    async with world.rt.sessionmaker() as session:
+        row = (
+            await session.execute(
+                select(Disclosure.outcome, Disclosure.reason).order_by(Disclosure.created_at.desc())
+            )
+        ).first()
+    assert tuple(row or ()) == ("failed", "record_key_unavailable")
+    depositor = await world.client(s.shelter.id, "agency", "another case system")
+    stored = await depositor.post(
+        "/v1/records", json={"subject_ref": "HH-2024-0042", "category": "shelter", "record": RECORD}
+    )
+    assert stored.status_code == 503, stored.text
+    assert "nothing was stored" in stored.json()["detail"]
+    # The process that holds the new key serves both.
+    async with _restarted(world.rt.settings, keys) as app:
+        assert await _disclose(app, token, s) == RECORD

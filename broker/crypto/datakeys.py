@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
 __all__ = [
     "DATA_KEY_BYTES",
     "NONCE_BYTES",
+    "DataKeyUnavailable",
     "RecordUnreadable",
     "decrypt_record",
     "encrypt_record",
@@ -38,6 +39,14 @@ _AAD_LABEL = b"consent-broker/record/v1\x00"
 
 class RecordUnreadable(ValueError):
     """A wrapped key or record blob failed authentication (wrong key, row or tampering)."""
+
+
+class DataKeyUnavailable(RecordUnreadable):
+    """A survivor's data key is stored, but no records key this process holds opens it.
+
+    Not "no record": a process still running with a records key rotated out and then
+    forgotten, or a key folder restored from the wrong backup. The operator must act.
+    """
 
 
 def _check_key(name: str, key: bytes) -> None:
@@ -75,7 +84,7 @@ def unwrap_with_any(keks: Sequence[bytes], wrapped: bytes) -> bytes:
             return unwrap_data_key(kek, wrapped)
         except RecordUnreadable:
             continue
-    raise RecordUnreadable("data key cannot be unwrapped with any records key")
+    raise DataKeyUnavailable("data key cannot be unwrapped with any records key")
 
 
 def rewrap_data_key(keks: Sequence[bytes], wrapped: bytes) -> bytes | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 
 from sqlalchemy import select
@@ -9,13 +10,16 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from broker.auth.roles import Principal
 from broker.catalog import RecordInvalid
+from broker.crypto.datakeys import DataKeyUnavailable
 from broker.disclosure import repository
 from broker.disclosure.schemas import RecordDeposit, RecordStored
-from broker.errors import InvalidRequest, NotFound
+from broker.errors import InvalidRequest, NotFound, ServiceUnavailable
 from broker.ledger.entries import append_entry
 from broker.models import HeldRecord, Subject, SubjectReference
 from broker.runtime import Runtime
 from broker.sources.held import seal_record
+
+log = logging.getLogger("broker.disclosure")
 
 
 async def deposit(
@@ -41,9 +45,26 @@ async def deposit(
     # The depositor asks about its own references only: saying "unknown" reveals nothing new.
     if row is None or row.wrapped_data_key is None:
         raise NotFound("No survivor is linked to this reference for your agency.")
-    blob = seal_record(
-        rt.keys.records_keks, row.wrapped_data_key, row.id, caller.agency_id, body.category, clean
-    )
+    try:
+        blob = seal_record(
+            rt.keys.records_keks,
+            row.wrapped_data_key,
+            row.id,
+            caller.agency_id,
+            body.category,
+            clean,
+        )
+    except DataKeyUnavailable:
+        log.error(
+            "deposit refused: no records key of this process opens the survivor's data key "
+            "(restart it after a records key rotation); agency=%s category=%s",
+            caller.agency_id,
+            body.category,
+        )
+        raise ServiceUnavailable(
+            "The broker cannot store this record at the moment; nothing was stored. "
+            "Try again later."
+        ) from None
     held = await repository.held_record(session, row.id, caller.agency_id, body.category)
     if held is None:
         session.add(

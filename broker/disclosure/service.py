@@ -8,6 +8,7 @@ commits the ledger entry, and only then is the answer sent.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -15,13 +16,19 @@ from typing import Any
 
 from broker.auth.roles import Principal
 from broker.crypto.commitment import reference_commitment
-from broker.crypto.datakeys import RecordUnreadable
+from broker.crypto.datakeys import DataKeyUnavailable, RecordUnreadable
 from broker.crypto.payload import seal_payload
 from broker.crypto.randomness import random_id
 from broker.disclosure import repository
 from broker.disclosure.decision import Denied, DisclosureRequest, GrantView, Permit, decide
 from broker.disclosure.schemas import DisclosureCreate
-from broker.errors import PROBLEM_BASE, BrokerError, InvalidRequest, NotPermitted
+from broker.errors import (
+    PROBLEM_BASE,
+    BrokerError,
+    InvalidRequest,
+    NotPermitted,
+    ServiceUnavailable,
+)
 from broker.hot_sql import DbSession
 from broker.ledger.entries import pending_row
 from broker.runtime import Runtime
@@ -34,6 +41,8 @@ NO_REDISCLOSURE = (
     "the broker notifies revocation."
 )
 DENIAL_DETAIL = "No consent in force permits this disclosure."
+
+log = logging.getLogger("broker.disclosure")
 
 
 @dataclass
@@ -224,6 +233,21 @@ class _Context:
                 return await self.failed(
                     failure.to_broker_error(), failure.reason, grant, source.id
                 )
+            except DataKeyUnavailable:
+                # Saying "no record" would be false: the record is there, this process
+                # cannot open it. Ids of agencies only, never the survivor's.
+                log.error(
+                    "held record unreadable: no records key of this process opens the "
+                    "survivor's data key (restart it after a records key rotation); "
+                    "holder=%s category=%s",
+                    source.id,
+                    self.req.category,
+                )
+                error = ServiceUnavailable(
+                    "The broker cannot open the held record at the moment; nothing was "
+                    "disclosed. Try again later."
+                )
+                return await self.failed(error, "record_key_unavailable", grant, source.id)
             except RecordUnreadable:
                 continue  # erased or damaged: nothing readable at this source
             if record is not None:
