@@ -84,14 +84,13 @@ class PooledDriver:
             return
         if not self._gate.locked():
             await self._gate.acquire()  # free and nobody waiting: returns at once
-            self._through_gate = True
-            return
-        try:
-            async with asyncio.timeout(GATE_TIMEOUT_SECONDS):
-                await self._gate.acquire()
-        except TimeoutError:
-            waited = TimeoutError("no database connection came free in time")
-            raise _translated("connect", waited) from None
+        else:
+            try:
+                async with asyncio.timeout(GATE_TIMEOUT_SECONDS):
+                    await self._gate.acquire()
+            except TimeoutError:
+                waited = TimeoutError("no database connection came free in time")
+                raise _translated("connect", waited) from None
         self._through_gate = True
 
     def _leave_gate(self) -> None:
