@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +102,7 @@ def baseline_rows(base: LoadFigures, workers: int) -> list[Row]:
             f"server CPU {base.peak_cpu_ms:.2f} ms/request at peak, "
             f"{base.unloaded_cpu_ms:.2f} unloaded",
         ),
+        *budget_row(name, base, base.peak.throughput, postgres=False),
     ]
 
 
@@ -326,6 +327,11 @@ def broker_rows(
                 progress=progress,
             )
             rows += _rows(label, figures, base, backend == "postgresql", cfg.workers)
+            if source == "held records":  # the records endpoint's own CPU is not metered
+                name = f"Disclosure, {label}, {cfg.workers} worker(s)"
+                rows += budget_row(
+                    name, figures, base.peak.throughput, postgres=backend == "postgresql"
+                )
             if cfg.profile_dir is not None and backend == "postgresql":
                 modes: tuple[tuple[Mode, str], ...] = (("closed", ""), ("sequential", "-unloaded"))
                 for mode, suffix in modes:
@@ -352,6 +358,28 @@ def broker_rows(
             )
         )
     return rows
+
+
+def budget_row(name: str, figures: LoadFigures, bare: float, *, postgres: bool) -> list[Row]:
+    """Where the machine's CPU went per request at peak, and the ceiling that sets.
+
+    PostgreSQL's share is left out (and out of the total) for servers that do not use it.
+    """
+    b = figures.budget
+    if b is None:
+        return []
+    if not postgres:
+        b = replace(b, database_ms=None)
+    database = "" if b.database_ms is None else f" + PostgreSQL {b.database_ms:.2f} ms"
+    ceiling = b.ceiling()
+    return [
+        Row(
+            f"{name}: CPU per request at peak (whole machine)",
+            f"server {b.server_ms:.2f} ms{database} + load generator {b.client_ms:.2f} ms "
+            f"= {b.total_ms:.2f} ms; {b.busy:.0%} of {b.cores} cores busy; "
+            f"ceiling at this CPU {ceiling:,.0f} req/s = {ceiling / bare:.1%} of bare",
+        )
+    ]
 
 
 def _rows(label: str, f: LoadFigures, base: LoadFigures, targeted: bool, workers: int) -> list[Row]:

@@ -188,6 +188,40 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def database_cpu_seconds() -> float | None:
+    """CPU used so far by this machine's PostgreSQL processes, or None if none run here.
+
+    Every process named ``postgres`` counts (backends, WAL writer, checkpointer): the
+    bench's server is the local one, and nothing else is meant to load it meanwhile.
+    """
+    total, found = 0, False
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() != "postgres":
+                continue
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        found = True
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK") if found else None
+
+
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of all cores so far, from /proc/stat's ``cpu`` line.
+
+    Idle and I/O wait are not busy; steal (time the hypervisor gave elsewhere) is.
+    """
+    line = Path("/proc/stat").read_text().split("\n", 1)[0]
+    # user nice system idle iowait irq softirq steal; guest time is already in user.
+    values = [int(v) for v in line.split()[1:9]]
+    idle = values[3] + values[4]
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (sum(values) - idle) / ticks, sum(values) / ticks
+
+
 def rss_mb(pid: int) -> tuple[float, float]:
     """(VmHWM, VmRSS) of a process in MB (10**6 bytes, as the target), from /proc/PID/status."""
     values = {"VmHWM": 0.0, "VmRSS": 0.0}

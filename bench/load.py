@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.infra import REPO, Server, cpu_seconds
+from bench.infra import REPO, Server, cpu_seconds, database_cpu_seconds, machine_cpu_seconds
 from bench.loadgen import Mode, Plan, Result
 
 
@@ -34,6 +35,59 @@ class LoadParams:
     client: str = "raw"  # "httpx" to drive the phases with httpx.AsyncClient instead
 
 
+@dataclass(frozen=True)
+class CpuBudget:
+    """CPU per request at peak, of the server and of what shares its machine.
+
+    When the cores are nearly all busy, the ceiling is the machine's, not the server's:
+    a faster server alone would then gain little.
+    """
+
+    server_ms: float
+    database_ms: float | None  # None: PostgreSQL is not on this machine (or not used)
+    client_ms: float
+    busy: float  # share of all the machine's cores busy during the phase
+    cores: int
+    workers: int
+
+    @property
+    def total_ms(self) -> float:
+        return self.server_ms + (self.database_ms or 0.0) + self.client_ms
+
+    def ceiling(self) -> float:
+        """Requests/s this CPU per request allows: the server's workers, or all cores."""
+        by_workers = self.workers * 1000.0 / self.server_ms
+        return min(by_workers, self.cores * 1000.0 / self.total_ms)
+
+
+class _Meter:
+    """CPU counters read before and after one phase."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.server = cpu_seconds(pids)
+        self.database = database_cpu_seconds()
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # finished loadgens
+        self.client = usage.ru_utime + usage.ru_stime
+        self.busy, self.total = machine_cpu_seconds()
+
+    def budget(self, requests: int, workers: int) -> CpuBudget:
+        after = _Meter(self.pids)
+        per = 1000.0 / max(requests, 1)
+        database = None
+        if self.database is not None and after.database is not None:
+            database = (after.database - self.database) * per
+        total = after.total - self.total
+        return CpuBudget(
+            server_ms=(after.server - self.server) * per,
+            database_ms=database,
+            client_ms=(after.client - self.client) * per,
+            busy=(after.busy - self.busy) / total if total > 0 else 0.0,
+            cores=os.cpu_count() or 1,
+            workers=workers,
+        )
+
+
 @dataclass
 class LoadFigures:
     peak: Result
@@ -44,6 +98,9 @@ class LoadFigures:
     #: throughput on a shared machine, since time the server was not scheduled is not in it.
     peak_cpu_ms: float = 0.0
     unloaded_cpu_ms: float = 0.0
+    #: Where the machine's CPU went at peak, per request: PostgreSQL's processes (None
+    #: if it runs elsewhere) and the load generator, and the share of all cores busy.
+    budget: CpuBudget | None = None
 
 
 def loadgen(plan: Plan) -> Result:
@@ -104,9 +161,9 @@ def measure(
 
     pids = server.worker_pids()
     progress(f"{label}: peak, closed loop x{params.concurrency}, {params.duration:.0f} s")
-    cpu = cpu_seconds(pids)
+    meter = _Meter(pids)
     peak = _checked(loadgen(plan(mode="closed")), f"{label} peak", server)
-    peak_cpu_ms = (cpu_seconds(pids) - cpu) * 1000 / max(peak.sent, 1)
+    budget = meter.budget(peak.sent, len(pids))
     rate = peak.throughput / 2.0
     progress(f"{label}: {peak.throughput:,.0f} req/s; half of peak, open loop at {rate:,.0f}/s")
     cap = min(params.max_requests, int(rate * params.duration) + 1)
@@ -120,7 +177,7 @@ def measure(
         server,
     )
     unloaded_cpu_ms = (cpu_seconds(pids) - cpu) * 1000 / max(unloaded.sent, 1)
-    return LoadFigures(peak, half, rate, unloaded, peak_cpu_ms, unloaded_cpu_ms)
+    return LoadFigures(peak, half, rate, unloaded, budget.server_ms, unloaded_cpu_ms, budget)
 
 
 def profile(
