@@ -41,6 +41,7 @@ from broker.errors import (
     ServiceUnavailable,
 )
 from broker.hot_sql import DbSession, OutcomeUnknown, PooledDriver
+from broker.sqlite_writes import take_turns_writing
 
 log = logging.getLogger("broker.db")
 
@@ -69,6 +70,7 @@ def make_engine(database_url: str, *, autocommit: bool = False, **kwargs: Any) -
             raise ValueError("autocommit engines are for PostgreSQL; SQLite has no round trips")
         engine = create_async_engine(database_url, connect_args={"timeout": 30}, **kwargs)
         event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
+        take_turns_writing(engine)
         return engine
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 10)
