@@ -16,12 +16,26 @@ def _settings() -> Settings:
     return Settings()
 
 
+def serve_warnings(settings: Settings, workers: int) -> list[str]:
+    """What to tell an operator before serving: set-ups that work, but badly."""
+    if settings.is_sqlite and workers > 1:
+        return [
+            f"warning: {workers} workers on SQLite. Writers take turns inside one process "
+            "(broker/sqlite_writes.py) but across processes they wait in SQLite's busy "
+            "handler, and under load a few requests wait close to a second. Serve SQLite "
+            "with one worker, or use PostgreSQL."
+        ]
+    return []
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from broker.runtime import load_keys
 
     settings = _settings()
+    for warning in serve_warnings(settings, args.workers):
+        print(warning, file=sys.stderr)
     load_keys(settings)  # generate (dev) or check (production) before any worker starts
     uvicorn.run(
         "broker.app:app_from_env",
