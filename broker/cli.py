@@ -151,6 +151,35 @@ def cmd_keys_rewrap_records(args: argparse.Namespace) -> int:
     return asyncio.run(_rewrap_records(args.forget_retired))
 
 
+async def _rekey_records() -> int:
+    from broker.runtime import build_runtime
+    from broker.subjects.rekey import rekey_held_records
+
+    rt = build_runtime(_settings())
+    try:
+        report = await rekey_held_records(rt.sessionmaker, rt.keys.records_keks)
+    finally:
+        await rt.aclose()
+    print(
+        f"survivors checked {report.survivors_checked}: given a new data key "
+        f"{report.survivors_rekeyed} ({report.records_reencrypted} held records "
+        f"re-encrypted), erased meanwhile {report.erased_meanwhile}, left as they were "
+        f"because something of theirs opens with no key held {report.unreadable}"
+    )
+    if not report.done:
+        print(
+            "error: some survivors were not re-keyed: restore the missing records key from "
+            "backup and run this again",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def cmd_keys_rekey_records(_: argparse.Namespace) -> int:
+    return asyncio.run(_rekey_records())
+
+
 def cmd_keys_generate(args: argparse.Namespace) -> int:
     from broker.crypto.keystore import generate_agency_keys
 
@@ -259,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="then, if nothing is left under a retired key, delete the retired records keys",
     )
     kw.set_defaults(func=cmd_keys_rewrap_records)
+    kk = k.add_parser(
+        "rekey-records",
+        help="give every survivor a new data key and re-encrypt her held records under it "
+        "(after a database copy may have leaked with a records key); safe while serving",
+    )
+    kk.set_defaults(func=cmd_keys_rekey_records)
     kg = k.add_parser("generate", help="make an agency's signing and encryption key pairs")
     kg.add_argument("--out", required=True)
     kg.add_argument("--name", default="agency")

@@ -8,7 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -179,7 +179,8 @@ async def test_concurrent_rewraps_write_each_key_once(world: World, tmp_path: Pa
             unwrap_data_key(rt.keys.records_kek, wrapped)
 
 
-def test_rotate_and_rewrap_from_the_shell(tmp_path: Path, database_url: str) -> None:
+def shell(tmp_path: Path, database_url: str) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """``broker ARGS`` as an operator runs it: production, keys in ``tmp_path / "keys"``."""
     env = {
         **os.environ,
         "BROKER_ENVIRONMENT": "production",
@@ -192,6 +193,11 @@ def test_rotate_and_rewrap_from_the_shell(tmp_path: Path, database_url: str) -> 
             [str(BIN / "broker"), *args], env=env, capture_output=True, text=True, check=False
         )
 
+    return broker
+
+
+def test_rotate_and_rewrap_from_the_shell(tmp_path: Path, database_url: str) -> None:
+    broker = shell(tmp_path, database_url)
     assert broker("keys", "init").returncode == 0
     rotated = broker("keys", "rotate", "records")
     assert rotated.returncode == 0, rotated.stderr

@@ -18,6 +18,7 @@ from broker.ledger.entries import append_entry
 from broker.models import HeldRecord, Subject, SubjectReference
 from broker.runtime import Runtime
 from broker.sources.held import seal_record
+from broker.subjects.rekey import lock_data_key
 
 log = logging.getLogger("broker.disclosure")
 
@@ -42,13 +43,16 @@ async def deposit(
             )
         )
     ).scalar_one_or_none()
+    # Her data key is read under her row's lock, which a re-key also takes: a record
+    # is never sealed under a data key that is being replaced (broker.subjects.rekey).
+    wrapped = None if row is None else await lock_data_key(session, row.id)
     # The depositor asks about its own references only: saying "unknown" reveals nothing new.
-    if row is None or row.wrapped_data_key is None:
+    if row is None or wrapped is None:
         raise NotFound("No survivor is linked to this reference for your agency.")
     try:
         blob = seal_record(
             rt.keys.records_keks,
-            row.wrapped_data_key,
+            wrapped,
             row.id,
             caller.agency_id,
             body.category,
