@@ -11,7 +11,7 @@ from sqlalchemy import select, update
 
 from broker.crypto.datakeys import RecordUnreadable, decrypt_record, record_aad, unwrap_data_key
 from broker.models import HeldRecord, Subject
-from broker.subjects.rekey import RekeyReport, _rekey_one, lock_data_key, rekey_held_records
+from broker.subjects.rekey import RekeyReport, lock_data_key, rekey_held_records, rekey_survivor
 from tests.support import World, story_one
 from tests.test_records_kek_rotation import (
     RECORD,
@@ -90,7 +90,7 @@ async def test_erased_survivors_are_not_rekeyed(world: World) -> None:
     late = RekeyReport()
     async with rt.sessionmaker() as session:
         assert await lock_data_key(session, s.subject_id) is None
-        assert not await _rekey_one(session, rt.keys.records_keks, s.subject_id, late)
+        assert not await rekey_survivor(session, rt.keys.records_keks, s.subject_id, late)
     assert late.erased_meanwhile == 1
 
 
@@ -111,7 +111,7 @@ async def test_a_deposit_waits_for_a_rekey_of_the_same_survivor(world: World) ->
         )
         await asyncio.sleep(0.3)
         assert not deposit.done()  # waiting for her row, not sealing under the old key
-        assert await _rekey_one(rekey, rt.keys.records_keks, s.subject_id, report)
+        assert await rekey_survivor(rekey, rt.keys.records_keks, s.subject_id, report)
         await rekey.commit()
     resp = await asyncio.wait_for(deposit, timeout=30)
     assert resp.status_code == 201, resp.text

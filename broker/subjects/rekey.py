@@ -31,7 +31,7 @@ from broker.crypto.datakeys import (
 )
 from broker.models import HeldRecord, Subject
 
-__all__ = ["RekeyReport", "lock_data_key", "rekey_held_records"]
+__all__ = ["RekeyReport", "lock_data_key", "rekey_held_records", "rekey_survivor"]
 
 BATCH = 500
 
@@ -69,7 +69,7 @@ async def lock_data_key(session: AsyncSession, subject_id: str) -> bytes | None:
     return wrapped
 
 
-async def _rekey_one(
+async def rekey_survivor(
     session: AsyncSession, keks: tuple[bytes, ...], subject_id: str, report: RekeyReport
 ) -> bool:
     """Re-key one survivor in the session's transaction; False if nothing may be written."""
@@ -137,7 +137,7 @@ async def rekey_held_records(
         for subject_id in ids:
             report.survivors_checked += 1
             async with sessionmaker() as session:
-                if await _rekey_one(session, keks, subject_id, report):
+                if await rekey_survivor(session, keks, subject_id, report):
                     await session.commit()
                 # otherwise closing the session rolls back: she stays as she was
         if len(ids) < batch:
