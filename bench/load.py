@@ -46,13 +46,14 @@ class CpuBudget:
     server_ms: float
     database_ms: float | None  # None: PostgreSQL is not on this machine (or not used)
     client_ms: float
+    others_ms: float  # other services the request uses (an agency's records endpoint)
     busy: float  # share of all the machine's cores busy during the phase
     cores: int
     workers: int
 
     @property
     def total_ms(self) -> float:
-        return self.server_ms + (self.database_ms or 0.0) + self.client_ms
+        return self.server_ms + (self.database_ms or 0.0) + self.client_ms + self.others_ms
 
     def ceiling(self) -> float:
         """Requests/s this CPU per request allows: the server's workers, or all cores."""
@@ -63,16 +64,17 @@ class CpuBudget:
 class _Meter:
     """CPU counters read before and after one phase."""
 
-    def __init__(self, pids: list[int]) -> None:
-        self.pids = pids
+    def __init__(self, pids: list[int], other_pids: list[int]) -> None:
+        self.pids, self.other_pids = pids, other_pids
         self.server = cpu_seconds(pids)
+        self.others = cpu_seconds(other_pids)
         self.database = database_cpu_seconds()
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # finished loadgens
         self.client = usage.ru_utime + usage.ru_stime
         self.busy, self.total = machine_cpu_seconds()
 
     def budget(self, requests: int, workers: int) -> CpuBudget:
-        after = _Meter(self.pids)
+        after = _Meter(self.pids, self.other_pids)
         per = 1000.0 / max(requests, 1)
         database = None
         if self.database is not None and after.database is not None:
@@ -82,6 +84,7 @@ class _Meter:
             server_ms=(after.server - self.server) * per,
             database_ms=database,
             client_ms=(after.client - self.client) * per,
+            others_ms=(after.others - self.others) * per,
             busy=(after.busy - self.busy) / total if total > 0 else 0.0,
             cores=os.cpu_count() or 1,
             workers=workers,
@@ -137,10 +140,12 @@ def measure(
     *,
     label: str,
     progress: Callable[[str], None],
+    others: list[Server] | None = None,
 ) -> LoadFigures:
     """Peak, half-of-peak and unloaded figures for ``POST path`` on ``server``.
 
     ``headers`` is called before each phase so access tokens are always fresh.
+    ``others`` are services the requests use, metered into the peak's CPU budget.
     """
 
     def plan(**kw: object) -> Plan:
@@ -161,7 +166,7 @@ def measure(
 
     pids = server.worker_pids()
     progress(f"{label}: peak, closed loop x{params.concurrency}, {params.duration:.0f} s")
-    meter = _Meter(pids)
+    meter = _Meter(pids, [pid for other in others or [] for pid in other.worker_pids()])
     peak = _checked(loadgen(plan(mode="closed")), f"{label} peak", server)
     budget = meter.budget(peak.sent, len(pids))
     rate = peak.throughput / 2.0
