@@ -157,7 +157,11 @@ async def _rekey_records() -> int:
 
     rt = build_runtime(_settings())
     try:
-        report = await rekey_held_records(rt.sessionmaker, rt.keys.records_keks)
+        report = await rekey_held_records(
+            rt.sessionmaker,
+            rt.keys.records_keks,
+            progress=lambda r: print(f"... {r.survivors_checked} survivors", file=sys.stderr),
+        )
     finally:
         await rt.aclose()
     print(

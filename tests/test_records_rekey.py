@@ -39,7 +39,14 @@ async def test_rekeyed_records_stay_readable_and_the_old_data_key_opens_nothing(
     old_key = unwrap_data_key(rt.keys.records_kek, before[s.subject_id])
     old_blob = (await _held(world, s.subject_id)).ciphertext
 
-    report = await rekey_held_records(rt.sessionmaker, rt.keys.records_keks, batch=2)
+    seen: list[int] = []
+    report = await rekey_held_records(
+        rt.sessionmaker,
+        rt.keys.records_keks,
+        batch=2,
+        progress=lambda r: seen.append(r.survivors_checked),
+    )
+    assert seen == list(range(2, len(before) + 1, 2)) + ([len(before)] if len(before) % 2 else [])
     assert report.survivors_checked == len(before) >= 4
     assert report.survivors_rekeyed == report.survivors_checked
     assert (report.records_reencrypted, report.unreadable, report.done) == (1, 0, True)

@@ -15,6 +15,7 @@ opens with no key the broker holds is left exactly as she was and counted.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import select, update
@@ -119,9 +120,15 @@ async def rekey_survivor(
 
 
 async def rekey_held_records(
-    sessionmaker: async_sessionmaker[AsyncSession], keks: tuple[bytes, ...], batch: int = BATCH
+    sessionmaker: async_sessionmaker[AsyncSession],
+    keks: tuple[bytes, ...],
+    batch: int = BATCH,
+    progress: Callable[[RekeyReport], None] | None = None,
 ) -> RekeyReport:
-    """New data keys under ``keks[0]`` for every survivor not erased; see the module."""
+    """New data keys under ``keks[0]`` for every survivor not erased; see the module.
+
+    ``progress`` is called after each batch (a million survivors take a while).
+    """
     report = RekeyReport()
     after = ""
     while True:
@@ -140,6 +147,8 @@ async def rekey_held_records(
                 if await rekey_survivor(session, keks, subject_id, report):
                     await session.commit()
                 # otherwise closing the session rolls back: she stays as she was
+        if progress is not None and ids:
+            progress(report)
         if len(ids) < batch:
             return report
         after = ids[-1]
