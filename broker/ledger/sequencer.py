@@ -14,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, delete, func, insert, select, text
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from broker.hot_sql import HotStatement
 from broker.ledger.checkpoint import Checkpoint, sign_checkpoint
@@ -139,6 +140,36 @@ _PENDING = (
 _DONE = delete(LedgerPending).where(LedgerPending.seq.in_(bindparam("seqs", expanding=True)))
 _ADD_ENTRIES = insert(LedgerEntry)
 _ADD_NODES = insert(LedgerNode)
+# PostgreSQL: a batch's rows as arrays, one statement whatever the batch size. A list
+# of parameter sets would run the INSERT once per row (asyncpg's executemany), and the
+# server starts and ends an executor for each: at peak that was three statements per
+# disclosure, about a tenth of PostgreSQL's CPU per disclosure.
+_ADD_ENTRIES_PG = HotStatement(
+    text(
+        "INSERT INTO ledger_entries (idx, entry_id, entry_type, agency_id, subject_commitment, "
+        "body, leaf_hash, created_at, integrated_at) "
+        "SELECT e.idx, e.entry_id, e.entry_type, e.agency_id, e.subject_commitment, e.body, "
+        "e.leaf_hash, e.created_at, CAST(:integrated_at AS timestamptz) "
+        "FROM unnest(CAST(:idx AS bigint[]), CAST(:entry_id AS varchar[]), "
+        "CAST(:entry_type AS varchar[]), CAST(:agency_id AS varchar[]), "
+        "CAST(:subject_commitment AS varchar[]), CAST(:body AS text[]), "
+        "CAST(:leaf_hash AS bytea[]), CAST(:created_at AS timestamptz[])) "
+        "AS e(idx, entry_id, entry_type, agency_id, subject_commitment, body, leaf_hash, "
+        "created_at)"
+    ),
+    writes=True,
+)
+_ADD_NODES_PG = HotStatement(
+    text(
+        "INSERT INTO ledger_nodes (level, idx, hash) "
+        "SELECT * FROM unnest(CAST(:levels AS smallint[]), CAST(:idxs AS bigint[]), "
+        "CAST(:hashes AS bytea[]))"
+    ),
+    writes=True,
+)
+_DONE_PG = HotStatement(
+    text("DELETE FROM ledger_pending WHERE seq = ANY(CAST(:seqs AS bigint[]))"), writes=True
+)
 _ADD_CHECKPOINT = insert(LedgerCheckpoint)
 
 
@@ -154,6 +185,33 @@ async def _integrate(rt: Runtime, session: AsyncSession, limit: int) -> int:
     leaves = [sha256(b"\x00" + row.body.encode("utf-8")).digest() for row in pending]
     created, grown = append_leaves(size, frontier, leaves)
     now = datetime.now(UTC)
+    if session.get_bind().dialect.name == "postgresql":
+        await _write_batch_pg(session, size, pending, leaves, created, now)
+    else:
+        await _write_batch(conn, size, pending, leaves, created, now)
+    new_size = size + len(pending)
+    root = root_from_frontier(new_size, grown)
+    origin = rt.settings.ledger_origin
+    note = sign_checkpoint(
+        Checkpoint(origin=origin, size=new_size, root_hash=root), origin, rt.keys.checkpoint_signing
+    )
+    await conn.execute(
+        _ADD_CHECKPOINT,
+        {"tree_size": new_size, "root_hash": root, "note": note, "created_at": now},
+    )
+    rt.sequencer.size, rt.sequencer.nodes = new_size, grown
+    return len(pending)
+
+
+async def _write_batch(
+    conn: AsyncConnection,
+    size: int,
+    pending: Sequence[Any],  # rows of _PENDING
+    leaves: list[bytes],
+    created: list[tuple[int, int, bytes]],
+    now: datetime,
+) -> None:
+    """The batch's entries and nodes, and its outbox rows gone (SQLite)."""
     await conn.execute(
         _ADD_ENTRIES,
         [
@@ -174,18 +232,42 @@ async def _integrate(rt: Runtime, session: AsyncSession, limit: int) -> int:
     await conn.execute(_ADD_NODES, [{"level": lv, "idx": ix, "hash": h} for lv, ix, h in created])
     # By key, not by range: a row with a lower seq may commit after the read above.
     await conn.execute(_DONE, {"seqs": [row.seq for row in pending]})
-    new_size = size + len(pending)
-    root = root_from_frontier(new_size, grown)
-    origin = rt.settings.ledger_origin
-    note = sign_checkpoint(
-        Checkpoint(origin=origin, size=new_size, root_hash=root), origin, rt.keys.checkpoint_signing
+
+
+async def _write_batch_pg(
+    session: AsyncSession,
+    size: int,
+    pending: Sequence[Any],  # rows of _PENDING
+    leaves: list[bytes],
+    created: list[tuple[int, int, bytes]],
+    now: datetime,
+) -> None:
+    """The same as ``_write_batch``, in three statements whatever the batch size."""
+    await _ADD_ENTRIES_PG.affected(
+        session,
+        {
+            "idx": [size + i for i in range(len(pending))],
+            "entry_id": [row.entry_id for row in pending],
+            "entry_type": [row.entry_type for row in pending],
+            "agency_id": [row.agency_id for row in pending],
+            "subject_commitment": [row.subject_commitment for row in pending],
+            "body": [row.body for row in pending],
+            "leaf_hash": leaves,
+            "created_at": [row.created_at for row in pending],
+            "integrated_at": now,
+        },
     )
-    await conn.execute(
-        _ADD_CHECKPOINT,
-        {"tree_size": new_size, "root_hash": root, "note": note, "created_at": now},
-    )
-    rt.sequencer.size, rt.sequencer.nodes = new_size, grown
-    return len(pending)
+    if created:
+        await _ADD_NODES_PG.affected(
+            session,
+            {
+                "levels": [lv for lv, _, _ in created],
+                "idxs": [ix for _, ix, _ in created],
+                "hashes": [h for _, _, h in created],
+            },
+        )
+    # By key, not by range: a row with a lower seq may commit after the read above.
+    await _DONE_PG.affected(session, {"seqs": [row.seq for row in pending]})
 
 
 async def integrate_until_empty(rt: Runtime, *, max_batches: int = 100_000) -> int:
