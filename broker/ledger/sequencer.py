@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, delete, func, insert, select, text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from broker.hot_sql import HotStatement
 from broker.ledger.checkpoint import Checkpoint, sign_checkpoint
@@ -148,22 +148,19 @@ _ADD_ENTRIES_PG = HotStatement(
     text(
         "INSERT INTO ledger_entries (idx, entry_id, entry_type, agency_id, subject_commitment, "
         "body, leaf_hash, created_at, integrated_at) "
-        "SELECT e.idx, e.entry_id, e.entry_type, e.agency_id, e.subject_commitment, e.body, "
-        "e.leaf_hash, e.created_at, CAST(:integrated_at AS timestamptz) "
-        "FROM unnest(CAST(:idx AS bigint[]), CAST(:entry_id AS varchar[]), "
+        "SELECT * FROM unnest(CAST(:idx AS bigint[]), CAST(:entry_id AS varchar[]), "
         "CAST(:entry_type AS varchar[]), CAST(:agency_id AS varchar[]), "
         "CAST(:subject_commitment AS varchar[]), CAST(:body AS text[]), "
-        "CAST(:leaf_hash AS bytea[]), CAST(:created_at AS timestamptz[])) "
-        "AS e(idx, entry_id, entry_type, agency_id, subject_commitment, body, leaf_hash, "
-        "created_at)"
+        "CAST(:leaf_hash AS bytea[]), CAST(:created_at AS timestamptz[]), "
+        "CAST(:integrated_at AS timestamptz[]))"
     ),
     writes=True,
 )
 _ADD_NODES_PG = HotStatement(
     text(
         "INSERT INTO ledger_nodes (level, idx, hash) "
-        "SELECT * FROM unnest(CAST(:levels AS smallint[]), CAST(:idxs AS bigint[]), "
-        "CAST(:hashes AS bytea[]))"
+        "SELECT * FROM unnest(CAST(:level AS smallint[]), CAST(:idx AS bigint[]), "
+        "CAST(:hash AS bytea[]))"
     ),
     writes=True,
 )
@@ -185,10 +182,7 @@ async def _integrate(rt: Runtime, session: AsyncSession, limit: int) -> int:
     leaves = [sha256(b"\x00" + row.body.encode("utf-8")).digest() for row in pending]
     created, grown = append_leaves(size, frontier, leaves)
     now = datetime.now(UTC)
-    if session.get_bind().dialect.name == "postgresql":
-        await _write_batch_pg(session, size, pending, leaves, created, now)
-    else:
-        await _write_batch(conn, size, pending, leaves, created, now)
+    await _write_batch(session, size, pending, leaves, created, now)
     new_size = size + len(pending)
     root = root_from_frontier(new_size, grown)
     origin = rt.settings.ledger_origin
@@ -204,37 +198,6 @@ async def _integrate(rt: Runtime, session: AsyncSession, limit: int) -> int:
 
 
 async def _write_batch(
-    conn: AsyncConnection,
-    size: int,
-    pending: Sequence[Any],  # rows of _PENDING
-    leaves: list[bytes],
-    created: list[tuple[int, int, bytes]],
-    now: datetime,
-) -> None:
-    """The batch's entries and nodes, and its outbox rows gone (SQLite)."""
-    await conn.execute(
-        _ADD_ENTRIES,
-        [
-            {
-                "idx": size + i,
-                "entry_id": row.entry_id,
-                "entry_type": row.entry_type,
-                "agency_id": row.agency_id,
-                "subject_commitment": row.subject_commitment,
-                "body": row.body,
-                "leaf_hash": leaves[i],
-                "created_at": row.created_at,
-                "integrated_at": now,
-            }
-            for i, row in enumerate(pending)
-        ],
-    )
-    await conn.execute(_ADD_NODES, [{"level": lv, "idx": ix, "hash": h} for lv, ix, h in created])
-    # By key, not by range: a row with a lower seq may commit after the read above.
-    await conn.execute(_DONE, {"seqs": [row.seq for row in pending]})
-
-
-async def _write_batch_pg(
     session: AsyncSession,
     size: int,
     pending: Sequence[Any],  # rows of _PENDING
@@ -242,32 +205,39 @@ async def _write_batch_pg(
     created: list[tuple[int, int, bytes]],
     now: datetime,
 ) -> None:
-    """The same as ``_write_batch``, in three statements whatever the batch size."""
-    await _ADD_ENTRIES_PG.affected(
-        session,
+    """Store the batch's entries and nodes, and take its rows out of the outbox."""
+    entries = [
         {
-            "idx": [size + i for i in range(len(pending))],
-            "entry_id": [row.entry_id for row in pending],
-            "entry_type": [row.entry_type for row in pending],
-            "agency_id": [row.agency_id for row in pending],
-            "subject_commitment": [row.subject_commitment for row in pending],
-            "body": [row.body for row in pending],
-            "leaf_hash": leaves,
-            "created_at": [row.created_at for row in pending],
+            "idx": size + i,
+            "entry_id": row.entry_id,
+            "entry_type": row.entry_type,
+            "agency_id": row.agency_id,
+            "subject_commitment": row.subject_commitment,
+            "body": row.body,
+            "leaf_hash": leaves[i],
+            "created_at": row.created_at,
             "integrated_at": now,
-        },
-    )
-    if created:
-        await _ADD_NODES_PG.affected(
-            session,
-            {
-                "levels": [lv for lv, _, _ in created],
-                "idxs": [ix for _, ix, _ in created],
-                "hashes": [h for _, _, h in created],
-            },
-        )
+        }
+        for i, row in enumerate(pending)
+    ]
+    nodes = [{"level": lv, "idx": ix, "hash": h} for lv, ix, h in created]
     # By key, not by range: a row with a lower seq may commit after the read above.
-    await _DONE_PG.affected(session, {"seqs": [row.seq for row in pending]})
+    done = {"seqs": [row.seq for row in pending]}
+    if session.get_bind().dialect.name != "postgresql":
+        conn = await session.connection()
+        await conn.execute(_ADD_ENTRIES, entries)
+        await conn.execute(_ADD_NODES, nodes)
+        await conn.execute(_DONE, done)
+        return
+    await _ADD_ENTRIES_PG.affected(session, _as_arrays(entries))
+    if nodes:
+        await _ADD_NODES_PG.affected(session, _as_arrays(nodes))
+    await _DONE_PG.affected(session, done)
+
+
+def _as_arrays(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Rows of one shape as one list per column, for ``unnest``."""
+    return {name: [row[name] for row in rows] for name in rows[0]}
 
 
 async def integrate_until_empty(rt: Runtime, *, max_batches: int = 100_000) -> int:
