@@ -331,10 +331,6 @@ def broker_rows(
                 others=[setup.records] if setup.records and source != "held records" else [],
             )
             rows += _rows(label, figures, base, backend == "postgresql", cfg.workers)
-            name = f"Disclosure, {label}, {cfg.workers} worker(s)"
-            rows += budget_row(
-                name, figures, base.peak.throughput, postgres=backend == "postgresql"
-            )
             if cfg.profile_dir is not None and backend == "postgresql":
                 modes: tuple[tuple[Mode, str], ...] = (("closed", ""), ("sequential", "-unloaded"))
                 for mode, suffix in modes:
@@ -413,4 +409,6 @@ def _rows(label: str, f: LoadFigures, base: LoadFigures, targeted: bool, workers
             "p50 ≤ 1.5 ms" if targeted else "",
             verdict_at_most(f.unloaded.p50_ms, 1.5, " ms") if targeted else "",
         ),
+        # Only PostgreSQL is targeted, and only it has a database process to meter.
+        *budget_row(name, f, base.peak.throughput, postgres=targeted),
     ]
