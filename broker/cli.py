@@ -80,6 +80,8 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     from broker.crypto.keystore import RETIRED_DIR, rotate_records_kek, rotate_signing_key
 
     settings = _settings()
+    if args.which == "checkpoint":
+        return asyncio.run(_rotate_checkpoint_key())
     if args.which == "records":
         old_id, new_id = rotate_records_kek(settings.key_dir)
         print(f"records key rotated: new key {new_id}")
@@ -94,6 +96,44 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     print(
         f"the retired key {retired} stays published from {settings.key_dir / RETIRED_DIR}; "
         "restart every broker process to sign with the new key",
+        file=sys.stderr,
+    )
+    return 0
+
+
+async def _rotate_checkpoint_key() -> int:
+    from sqlalchemy.exc import DBAPIError
+
+    from broker.ledger.checkpoint_key import CheckpointKeyStale, rotate_checkpoint_key
+    from broker.runtime import build_runtime
+
+    settings = _settings()
+    rt = build_runtime(settings)
+    try:
+        origin = settings.ledger_origin
+        done = await rotate_checkpoint_key(rt.sessionmaker, settings.key_dir, origin)
+    except CheckpointKeyStale as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except DBAPIError as exc:
+        print(
+            f"error: the database refused ({type(exc.orig).__name__}); is it reachable and "
+            "migrated (`broker migrate`)? Nothing was rotated",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        await rt.aclose()
+    if done.resumed:
+        print("finished a checkpoint key rotation an earlier run had committed")
+    print(f"checkpoint key rotated at tree size {done.tree_size}: new verifier key")
+    print(done.new_verifier_key)
+    print(
+        f"the old key now verifies only checkpoints up to size {done.tree_size}, and its "
+        "private half is deleted. Processes using this key folder sign with the new key "
+        "from their next batch; copy the folder to every other host that runs the broker "
+        "(until then their sequencers wait). Auditors follow the hand-over from "
+        "GET /v1/ledger/key or the export; tell them the new key to pin",
         file=sys.stderr,
     )
     return 0
@@ -277,9 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
         "rotate",
         help="replace the broker's token or payload signing key (the old one's public "
         "half stays published so what it signed still verifies) or its records key "
-        "(the old one still unwraps until `keys rewrap-records --forget-retired`)",
+        "(the old one still unwraps until `keys rewrap-records --forget-retired`) or its "
+        "ledger checkpoint key (the old one cosigns a hand-over auditors follow)",
     )
-    kr.add_argument("which", choices=["token", "payload", "records"])
+    kr.add_argument("which", choices=["token", "payload", "records", "checkpoint"])
     kr.set_defaults(func=cmd_keys_rotate)
     kw = k.add_parser(
         "rewrap-records",

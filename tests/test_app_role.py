@@ -48,6 +48,7 @@ async def test_app_role_cannot_rewrite_append_only_tables(
                 "ledger_entries",
                 "ledger_nodes",
                 "ledger_checkpoints",
+                "ledger_key_rotations",
                 "consent_versions",
             ):
                 for sql in (

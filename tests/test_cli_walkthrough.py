@@ -157,5 +157,12 @@ def test_keys_rotate_from_the_shell(tmp_path: Path) -> None:
     assert rotated.stdout.startswith("payload signing key rotated: new kid ")
     assert "restart every broker process" in rotated.stderr
     assert len(list((tmp_path / "keys" / "retired").glob("payload-signing.*.jwk.json"))) == 1
-    refused = broker("keys", "rotate", "checkpoint")
-    assert refused.returncode == 2 and "invalid choice" in refused.stderr
+    unmigrated = broker("keys", "rotate", "checkpoint")
+    assert unmigrated.returncode == 1 and "broker migrate" in unmigrated.stderr
+    assert "Traceback" not in unmigrated.stderr
+    key = (tmp_path / "keys" / "checkpoint-ed25519.pem").read_bytes()
+    assert not (tmp_path / "keys" / "checkpoint-ed25519.pem.next").exists()
+    assert broker("migrate").returncode == 0
+    handed_over = broker("keys", "rotate", "checkpoint")
+    assert handed_over.returncode == 0, handed_over.stderr
+    assert (tmp_path / "keys" / "checkpoint-ed25519.pem").read_bytes() != key

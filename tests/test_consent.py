@@ -188,10 +188,10 @@ async def test_versions_immutable_in_database(world: World) -> None:
 
 async def test_ledger_tables_refuse_rewrites(world: World) -> None:
     await _story(world)
-    for table in ("ledger_entries", "ledger_nodes", "ledger_checkpoints"):
+    for table in ("ledger_entries", "ledger_nodes", "ledger_checkpoints", "ledger_key_rotations"):
         for sql in (
             f"UPDATE {table} SET idx = idx"
-            if table != "ledger_checkpoints"
+            if table in ("ledger_entries", "ledger_nodes")
             else f"UPDATE {table} SET tree_size = tree_size",
             f"DELETE FROM {table}",
         ):
@@ -219,13 +219,21 @@ async def _insert_dummy(conn: Any, table: str) -> None:
         await conn.execute(
             text("INSERT INTO ledger_nodes (level, idx, hash) VALUES (0, 999999, :h)"), {"h": blob}
         )
-    else:
+    elif table == "ledger_checkpoints":
         await conn.execute(
             text(
                 "INSERT INTO ledger_checkpoints (tree_size, root_hash, note, created_at) "
                 "VALUES (999999, :h, 'n', :t)"
             ),
             {"h": blob, "t": when},
+        )
+    else:
+        await conn.execute(
+            text(
+                "INSERT INTO ledger_key_rotations (tree_size, old_verifier_key, "
+                "new_verifier_key, note, created_at) VALUES (999999, 'o', 'n', 'n', :t)"
+            ),
+            {"t": when},
         )
 
 

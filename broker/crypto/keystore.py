@@ -30,9 +30,12 @@ neither access tokens nor records-endpoint requests.
 The records key rotates too (``broker keys rotate records``): the old key is kept
 whole as ``retired/records-kek.<id>.key`` (``records_kek_id``: a labelled hash,
 not the key) and still unwraps, never wraps, until ``broker keys rewrap-records``
-has moved every data key to the new one and ``--forget-retired`` deletes it. The
-checkpoint and subject-commitment keys are not rotated here: old ledger checkpoints
-and every commitment in the ledger depend on them.
+has moved every data key to the new one and ``--forget-retired`` deletes it.
+
+The checkpoint key is rotated through the database (``broker keys rotate
+checkpoint``, ``broker.ledger.checkpoint_key``): the old key cosigns a hand-over to
+the new one that auditors follow, and is then gone. The subject-commitment key is
+not rotated: every commitment in the ledger depends on it.
 """
 
 from __future__ import annotations
@@ -66,12 +69,17 @@ __all__ = [
     "KeysMissing",
     "RecordsKeyRotated",
     "RetiredKey",
+    "discard_staged_checkpoint_key",
     "forget_retired_records_keks",
     "generate_agency_keys",
     "generate_p256_enc_keys",
+    "install_staged_checkpoint_key",
+    "load_checkpoint_key",
     "records_kek_id",
     "rotate_records_kek",
     "rotate_signing_key",
+    "stage_checkpoint_key",
+    "staged_checkpoint_key",
 ]
 
 TOKEN_SIGNING_FILE = "token-signing.jwk.json"  # noqa: S105 - a file name
@@ -541,6 +549,40 @@ def forget_retired_records_keks(key_dir: Path) -> list[str]:
     if gone:
         _fsync_dir(folder)
     return gone
+
+
+#: ``broker keys rotate checkpoint`` stages the new key here until its rotation commits.
+STAGED_CHECKPOINT_FILE = CHECKPOINT_FILE + ".next"
+
+
+def load_checkpoint_key(key_dir: Path) -> Ed25519PrivateKey:
+    """The checkpoint key in the folder now (a running process may hold an older one)."""
+    return _load(Path(key_dir) / CHECKPOINT_FILE, _parse_checkpoint)
+
+
+def staged_checkpoint_key(key_dir: Path) -> Ed25519PrivateKey | None:
+    path = Path(key_dir) / STAGED_CHECKPOINT_FILE
+    return _load(path, _parse_checkpoint) if path.exists() else None
+
+
+def stage_checkpoint_key(key_dir: Path) -> Ed25519PrivateKey:
+    """A new checkpoint key, written beside the current one; nothing signs with it yet."""
+    key = Ed25519PrivateKey.generate()
+    _replace_file(Path(key_dir) / STAGED_CHECKPOINT_FILE, _checkpoint_pem(key))
+    return key
+
+
+def install_staged_checkpoint_key(key_dir: Path) -> None:
+    """Move the staged key over the current one (atomic); the old private key is gone."""
+    key_dir = Path(key_dir)
+    os.replace(key_dir / STAGED_CHECKPOINT_FILE, key_dir / CHECKPOINT_FILE)
+    _fsync_dir(key_dir)
+
+
+def discard_staged_checkpoint_key(key_dir: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        (Path(key_dir) / STAGED_CHECKPOINT_FILE).unlink()
+    _fsync_dir(Path(key_dir))
 
 
 def _parse_checkpoint(data: bytes) -> Ed25519PrivateKey:

@@ -35,6 +35,7 @@ __all__ = [
     "parse_verifier_key",
     "sign_checkpoint",
     "sign_note",
+    "signer_ids",
     "verifier_key",
 ]
 
@@ -125,14 +126,23 @@ def _check_text(text: str) -> None:
         raise CheckpointError("note text must be non-empty newline-terminated lines")
 
 
-def sign_note(text: str, key_name: str, private_key: Ed25519PrivateKey) -> str:
-    """Sign arbitrary note text; the signature covers the text bytes exactly."""
+def sign_note(text: str, key_name: str, *private_keys: Ed25519PrivateKey) -> str:
+    """Sign arbitrary note text, one signature line per key in the order given.
+
+    Each signature covers the text bytes exactly; several keys under one name
+    cosign a note (a checkpoint key handing over to its successor).
+    """
     _check_text(text)
     if not _valid_name(key_name):
         raise CheckpointError(f"invalid key name {key_name!r}")
-    public_key = private_key.public_key()
-    sig = private_key.sign(text.encode("utf-8"))
-    note = f"{text}\n{SIG_PREFIX}{key_name} {_b64(key_id(key_name, public_key) + sig)}\n"
+    if not private_keys:
+        raise CheckpointError("a note needs at least one signature")
+    lines = []
+    for private_key in private_keys:
+        sig = private_key.sign(text.encode("utf-8"))
+        kid = key_id(key_name, private_key.public_key())
+        lines.append(f"{SIG_PREFIX}{key_name} {_b64(kid + sig)}\n")
+    note = f"{text}\n{''.join(lines)}"
     if len(note.encode("utf-8")) > MAX_NOTE_BYTES:
         raise CheckpointError("note too large")
     return note
@@ -188,6 +198,21 @@ def open_note(note: str, vkey: str) -> str:
     except InvalidSignature as exc:
         raise CheckpointError("invalid signature") from exc
     return text
+
+
+def signer_ids(note: str) -> list[tuple[str, bytes]]:
+    """(key name, 4-byte key ID) of each signature line, unverified: who claims to sign."""
+    split = note.rfind("\n\n")
+    found = []
+    for line in note[split + 2 :].split("\n") if split >= 0 else []:
+        name, _, sig_b64 = line.removeprefix(SIG_PREFIX).partition(" ")
+        try:
+            blob = base64.b64decode(sig_b64.encode("ascii"), validate=True)
+        except (UnicodeEncodeError, binascii.Error, ValueError):
+            continue
+        if line.startswith(SIG_PREFIX) and len(blob) > 4:
+            found.append((name, blob[:4]))
+    return found
 
 
 def format_body(cp: Checkpoint) -> str:

@@ -46,9 +46,9 @@ Index = Annotated[int, Query(ge=0, le=2**62)]
 
 
 @router.get("/ledger/key", summary="The checkpoint verification key (public)")
-async def ledger_key(rt: RuntimeDep) -> LedgerKeyOut:
+async def ledger_key(session: SessionDep, rt: RuntimeDep) -> LedgerKeyOut:
     """Public on purpose: auditors pin this key before trusting any checkpoint."""
-    return service.ledger_key(rt)
+    return await service.ledger_key(rt, session)
 
 
 @router.get(

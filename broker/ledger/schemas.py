@@ -16,10 +16,29 @@ class CheckpointOut(BaseModel):
     created_at: datetime
 
 
+class KeyRotationOut(BaseModel):
+    tree_size: int = Field(description="the old key signs no larger tree, the new no smaller")
+    old_verifier_key: str
+    new_verifier_key: str
+    note: str = Field(
+        description="the tree head at tree_size with a key-rotation line, "
+        "signed by both keys (C2SP signed note)"
+    )
+    created_at: datetime
+
+
 class LedgerKeyOut(BaseModel):
     origin: str
-    verifier_key: str = Field(description="C2SP note verifier key: name+hash+base64(0x01||key)")
+    verifier_key: str = Field(
+        description="the current checkpoint key as a C2SP note verifier key: "
+        "name+hash+base64(0x01||key)"
+    )
     jwk: dict[str, str] = Field(description="the same Ed25519 public key as an OKP JWK")
+    rotations: list[KeyRotationOut] = Field(
+        default_factory=list,
+        description="every hand-over of the checkpoint key, oldest first: with them, an "
+        "auditor who pinned any earlier key reaches the current one",
+    )
 
 
 class EntryOut(BaseModel):

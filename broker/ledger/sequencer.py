@@ -18,11 +18,13 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import bindparam, delete, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from broker.hot_sql import HotStatement
 from broker.ledger.checkpoint import Checkpoint, sign_checkpoint
+from broker.ledger.checkpoint_key import signing_key
 from broker.ledger.merkle import Node, append_leaves, root_from_frontier, subtree_nodes
 from broker.models import LedgerCheckpoint, LedgerEntry, LedgerNode, LedgerPending
 
@@ -47,6 +49,8 @@ class SequencerState:
         self.lock = asyncio.Lock()
         self.size = -1
         self.nodes: dict[Node, bytes] = {}
+        #: The checkpoint key picked up after a rotation (None: the one loaded at start).
+        self.checkpoint_key: Ed25519PrivateKey | None = None
 
 
 _MAX_IDX = HotStatement(select(func.max(LedgerEntry.idx)))
@@ -100,7 +104,8 @@ async def _frontier(state: SequencerState, session: AsyncSession, size: int) -> 
     return nodes
 
 
-async def _lock(session: AsyncSession) -> None:
+async def take_sequencer_lock(session: AsyncSession) -> None:
+    """The lock every sequencer (and a checkpoint key rotation) holds for its transaction."""
     if session.get_bind().dialect.name == "postgresql":
         await session.execute(
             text("SELECT pg_advisory_xact_lock(:key)"), {"key": SEQUENCER_LOCK_KEY}
@@ -171,7 +176,7 @@ _ADD_CHECKPOINT = insert(LedgerCheckpoint)
 
 
 async def _integrate(rt: Runtime, session: AsyncSession, limit: int) -> int:
-    await _lock(session)
+    await take_sequencer_lock(session)
     conn = await session.connection()
     pending = (await conn.execute(_PENDING, {"limit": limit})).all()
     if not pending:
@@ -186,9 +191,8 @@ async def _integrate(rt: Runtime, session: AsyncSession, limit: int) -> int:
     new_size = size + len(pending)
     root = root_from_frontier(new_size, grown)
     origin = rt.settings.ledger_origin
-    note = sign_checkpoint(
-        Checkpoint(origin=origin, size=new_size, root_hash=root), origin, rt.keys.checkpoint_signing
-    )
+    key = await signing_key(rt, session)
+    note = sign_checkpoint(Checkpoint(origin=origin, size=new_size, root_hash=root), origin, key)
     await conn.execute(
         _ADD_CHECKPOINT,
         {"tree_size": new_size, "root_hash": root, "note": note, "created_at": now},

@@ -20,7 +20,8 @@ from broker.auth.roles import Principal, Role
 from broker.crypto.commitment import subject_commitment
 from broker.crypto.compact import b64url
 from broker.errors import Conflict, InvalidRequest, NotFound
-from broker.ledger.checkpoint import verifier_key
+from broker.ledger.checkpoint import parse_verifier_key, verifier_key
+from broker.ledger.checkpoint_key import rotation_note_at, rotations
 from broker.ledger.merkle import (
     Node,
     consistency_proof,
@@ -35,6 +36,7 @@ from broker.ledger.schemas import (
     EntryOut,
     EntryPage,
     InclusionProofOut,
+    KeyRotationOut,
     LedgerKeyOut,
     ReceiptOut,
 )
@@ -51,11 +53,21 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def ledger_key(rt: Runtime) -> LedgerKeyOut:
-    public = rt.keys.checkpoint_signing.public_key()
-    raw = public.public_bytes(Encoding.Raw, PublicFormat.Raw)
+async def ledger_key(rt: Runtime, session: AsyncSession) -> LedgerKeyOut:
+    """The current checkpoint key as the ledger records it, and how it was reached.
+
+    The ledger's newest rotation names the current key, whichever key folder this
+    process started with: a host not yet given the new key still publishes it.
+    """
+    handovers = await rotations(session)
     origin = rt.settings.ledger_origin
-    vkey = verifier_key(origin, public)
+    if handovers:
+        vkey = handovers[-1].new_verifier_key
+        _, _, public = parse_verifier_key(vkey)
+    else:
+        public = rt.keys.checkpoint_signing.public_key()
+        vkey = verifier_key(origin, public)
+    raw = public.public_bytes(Encoding.Raw, PublicFormat.Raw)
     kid = vkey.split("+")[1]
     jwk = {
         "kty": "OKP",
@@ -65,15 +77,37 @@ def ledger_key(rt: Runtime) -> LedgerKeyOut:
         "alg": "EdDSA",
         "use": "sig",
     }
-    return LedgerKeyOut(origin=origin, verifier_key=vkey, jwk=jwk)
+    return LedgerKeyOut(
+        origin=origin,
+        verifier_key=vkey,
+        jwk=jwk,
+        rotations=[
+            KeyRotationOut(
+                tree_size=r.tree_size,
+                old_verifier_key=r.old_verifier_key,
+                new_verifier_key=r.new_verifier_key,
+                note=r.note,
+                created_at=r.created_at,
+            )
+            for r in handovers
+        ],
+    )
 
 
-def _checkpoint_out(rt: Runtime, cp: LedgerCheckpoint) -> CheckpointOut:
+async def _checkpoint_out(
+    rt: Runtime, session: AsyncSession, cp: LedgerCheckpoint
+) -> CheckpointOut:
+    """The tree head as the current key signs it.
+
+    Until the tree grows past a key rotation, its newest checkpoint was signed by the
+    retired key; the rotation note, signed by both, stands in for it.
+    """
+    handed_over = await rotation_note_at(session, cp.tree_size)
     return CheckpointOut(
         origin=rt.settings.ledger_origin,
         tree_size=cp.tree_size,
         root_hash=b64(cp.root_hash),
-        note=cp.note,
+        note=handed_over or cp.note,
         created_at=cp.created_at,
     )
 
@@ -87,7 +121,7 @@ async def latest_checkpoint(session: AsyncSession, rt: Runtime) -> CheckpointOut
     cp = await _latest(session)
     if cp is None:
         raise NotFound("The ledger has no checkpoint yet: nothing has been integrated.")
-    return _checkpoint_out(rt, cp)
+    return await _checkpoint_out(rt, session, cp)
 
 
 def _entry_out(row: LedgerEntry) -> EntryOut:
@@ -227,7 +261,7 @@ async def receipt(
         outcome=disclosure.outcome,
         entry=_entry_out(row),
         inclusion_proof=proof,
-        checkpoint=_checkpoint_out(rt, cp),
+        checkpoint=await _checkpoint_out(rt, session, cp),
     )
 
 
@@ -251,6 +285,13 @@ async def export_lines(
         ).first()
         if newest is None:
             return
+        # Key hand-overs first: the verifier needs them before the checkpoints they sign.
+        handovers = [
+            orjson.dumps({"kind": "key-rotation", "note": r.note}) + b"\n"
+            for r in await rotations(session)
+        ]
+        if handovers:
+            yield b"".join(handovers)
         # Stop at a signed size so that every exported entry is covered by a checkpoint.
         stop = int(newest[0])
         cps = {stop: str(newest[1])}

@@ -4,11 +4,16 @@ Export format (JSON Lines, UTF-8, one object per line)::
 
     {"kind": "entry", "index": 0, "leaf_hash": "<base64>", "entry": {...}}
     {"kind": "checkpoint", "note": "<C2SP signed note>"}
+    {"kind": "key-rotation", "note": "<checkpoint with a key-rotation line, signed twice>"}
 
 Entry lines come in index order, contiguous from 0.  The leaf of an entry is
 ``leaf_hash(canonical_json(entry))`` (RFC 8785), so the verifier recomputes every
 leaf from the entry itself; the stored ``leaf_hash`` only pinpoints which entry
 was altered.
+
+Key rotations (``broker.ledger.key_rotation``) come first: from the one pinned
+verifier key they give the keys that signed before or after it, each for its span
+of tree sizes; a rotation's own tree head is checked like a checkpoint.
 
 Checkpoint ordering rule: a checkpoint line of size ``s`` must appear *before the
 entry line with index* ``s`` (i.e. anywhere up to directly after the last entry it
@@ -45,12 +50,8 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 
-from broker.ledger.checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    open_checkpoint,
-    parse_verifier_key,
-)
+from broker.ledger.checkpoint import Checkpoint, CheckpointError, parse_verifier_key
+from broker.ledger.key_rotation import KeyRotation, TrustedKeys, open_key_rotation
 from broker.ledger.merkle import EMPTY_ROOT, StreamingTree
 
 __all__ = [
@@ -190,7 +191,7 @@ def _canonical_parsed(entry: object) -> bytes:
 
 
 # One scan result per line: (kind, value, leaf, problem).  Produced by workers.
-_BLANK, _ENTRY, _CHECKPOINT, _MALFORMED, _UNKNOWN = range(5)
+_BLANK, _ENTRY, _CHECKPOINT, _MALFORMED, _UNKNOWN, _ROTATION = range(6)
 _Scan = tuple[int, object, bytes | None, str | None]
 _CHUNK = 4096  # lines per worker task
 _AUTO_MAX_WORKERS = 4
@@ -239,6 +240,8 @@ def _scan_line(raw: str | bytes, strict: bool = False) -> _Scan:
     kind = obj.get("kind") if type(obj) is dict else None
     if kind == "checkpoint":
         return (_CHECKPOINT, obj.get("note"), None, None)
+    if kind == "key-rotation":
+        return (_ROTATION, obj.get("note"), None, None)
     if kind != "entry":
         return (_UNKNOWN, None, None, None)
     index, stored = obj.get("index"), obj.get("leaf_hash")
@@ -292,7 +295,10 @@ class _Run:
     """The sequential half of verification: indices, tree, checkpoints, problems."""
 
     def __init__(self, vkey: str, origin: str | None) -> None:
-        self.vkey = vkey
+        self.keys = TrustedKeys(vkey)
+        self.rotation_labels: dict[KeyRotation, str] = {}
+        #: The auditor's saved checkpoint, checked after the rotations that lead to its key.
+        self.saved: str | None = None
         self.origin = origin
         self.tree = StreamingTree()
         self.problems: list[str] = []
@@ -322,6 +328,8 @@ class _Run:
         tree = self.tree
         for kind, value, leaf, problem in results:
             self.lineno += 1
+            if self.saved is not None and kind not in (_ROTATION, _BLANK):
+                self.add_saved()
             if kind == _ENTRY:
                 self.entries += 1
                 if type(value) is not int or value != self.expected:
@@ -337,11 +345,13 @@ class _Run:
                         self.reached()
             elif kind == _CHECKPOINT:
                 self.add_checkpoint(f"checkpoint at line {self.lineno}", value)
+            elif kind == _ROTATION:
+                self.add_rotation(f"key rotation at line {self.lineno}", value)
             elif kind == _MALFORMED:
                 self.problem(f"line {self.lineno}: {value}")
                 self.bad(self.tree.size)
             elif kind == _UNKNOWN:
-                self.problem(f"line {self.lineno}: not an entry or checkpoint line")
+                self.problem(f"line {self.lineno}: not an entry, checkpoint or key-rotation line")
 
     def index_problem(self, index: object) -> None:
         self.bad(self.tree.size)
@@ -357,10 +367,29 @@ class _Run:
             self.problem(f"{label}: note is not a string")
             return
         try:
-            cp = open_checkpoint(note, self.vkey, self.origin)
+            cp = self.keys.open(note, self.origin)
         except CheckpointError as exc:
             self.problem(f"{label}: rejected: {exc}")
             return
+        self.place(label, cp, trusted)
+
+    def add_rotation(self, label: str, note: object) -> None:
+        """Learn a key hand-over; its tree head is checked once a trusted key links it."""
+        if not isinstance(note, str):
+            self.problem(f"{label}: note is not a string")
+            return
+        try:
+            rotation = open_key_rotation(note, self.origin)
+            self.rotation_labels.setdefault(rotation, label)
+            linked = self.keys.learn(rotation)
+        except CheckpointError as exc:
+            self.problem(f"{label}: rejected: {exc}")
+            return
+        for rot in linked:
+            self.place(self.rotation_labels[rot], rot.checkpoint, False)
+
+    def place(self, label: str, cp: Checkpoint, trusted: bool) -> None:
+        """Check a verified tree head now, or once the tree reaches its size."""
         if self.origin is None:
             self.origin = cp.origin  # all checkpoints must then be for the same log
         if not trusted:
@@ -376,6 +405,10 @@ class _Run:
                 f"{label}: checkpoint of size {cp.size} appears after entry {cp.size}; "
                 "checkpoint lines must precede the entry whose index equals their size"
             )
+
+    def add_saved(self) -> None:
+        note, self.saved = self.saved, None
+        self.add_checkpoint("trusted checkpoint", note, trusted=True)
 
     def reached(self) -> None:
         """The tree just reached ``next_size``: check the checkpoints waiting for it."""
@@ -402,11 +435,18 @@ class _Run:
             )
 
     def finish(self) -> VerifyReport:
+        if self.saved is not None:
+            self.add_saved()
         size = self.tree.size
         for _, waiting in sorted(self.pending.items()):
             for label, cp, trusted in waiting:
                 why = " (log truncated or export incomplete)" if trusted else ""
                 self.problem(f"{label}: size {cp.size} exceeds the export's {size} entries{why}")
+        for rot in self.keys.unlinked:
+            self.problem(
+                f"{self.rotation_labels[rot]}: rejected: neither of its keys is the pinned "
+                "key or reached from it by another rotation"
+            )
         if self.latest < 0:
             self.problem("no valid checkpoint in the export: nothing authenticates the entries")
         elif self.latest < size:
@@ -473,8 +513,7 @@ def verify_export(
     except CheckpointError as exc:
         return VerifyReport(False, 0, 0, None, [f"verifier key: {exc}"], 0, EMPTY_ROOT)
     run = _Run(vkey, origin)
-    if trusted_checkpoint is not None:
-        run.add_checkpoint("trusted checkpoint", trusted_checkpoint, trusted=True)
+    run.saved = trusted_checkpoint
     rest = iter(lines)
     first = list(itertools.islice(rest, _CHUNK))
     n = _auto_workers() if workers is None else workers

@@ -8,6 +8,7 @@ from broker.models.ledger import (
     APPEND_ONLY_TABLES,
     LedgerCheckpoint,
     LedgerEntry,
+    LedgerKeyRotation,
     LedgerNode,
     LedgerPending,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "HeldRecord",
     "LedgerCheckpoint",
     "LedgerEntry",
+    "LedgerKeyRotation",
     "LedgerNode",
     "LedgerPending",
     "Subject",

@@ -2,8 +2,9 @@
 
 ``ledger_pending`` is the outbox each request writes in its own transaction; the
 sequencer moves rows from it into ``ledger_entries`` (contiguous indices), stores
-the complete-subtree hashes in ``ledger_nodes`` and signs ``ledger_checkpoints``.
-The three sequenced tables refuse UPDATE and DELETE in the database itself.
+the complete-subtree hashes in ``ledger_nodes`` and signs ``ledger_checkpoints``;
+``ledger_key_rotations`` records each hand-over of the checkpoint key. These
+tables refuse UPDATE and DELETE in the database itself.
 """
 
 from __future__ import annotations
@@ -70,4 +71,27 @@ class LedgerCheckpoint(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
-APPEND_ONLY_TABLES = ("consent_versions", "ledger_entries", "ledger_nodes", "ledger_checkpoints")
+class LedgerKeyRotation(Base):
+    """A hand-over of the checkpoint key (``broker keys rotate checkpoint``), oldest first.
+
+    The newest row names the key every sequencer must sign with; ``note`` is the
+    rotation as auditors check it (``broker.ledger.key_rotation``).
+    """
+
+    __tablename__ = "ledger_key_rotations"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    tree_size: Mapped[int] = mapped_column(BigInteger)
+    old_verifier_key: Mapped[str] = mapped_column(String(256))
+    new_verifier_key: Mapped[str] = mapped_column(String(256))
+    note: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+APPEND_ONLY_TABLES = (
+    "consent_versions",
+    "ledger_entries",
+    "ledger_nodes",
+    "ledger_checkpoints",
+    "ledger_key_rotations",
+)

@@ -25,8 +25,8 @@ GRANT USAGE ON SCHEMA public TO broker_app;
 GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO broker_app;
 
 -- Append-only: read and append, nothing else.
-GRANT SELECT, INSERT ON consent_versions, ledger_entries, ledger_nodes, ledger_checkpoints
-    TO broker_app;
+GRANT SELECT, INSERT ON consent_versions, ledger_entries, ledger_nodes, ledger_checkpoints,
+    ledger_key_rotations TO broker_app;
 
 -- Operational tables: rows change (consent heads, outboxes, erasure deletes them).
 GRANT SELECT, INSERT, UPDATE, DELETE ON

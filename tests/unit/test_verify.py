@@ -274,8 +274,8 @@ def test_checkpoint_placement_and_coverage() -> None:
     "bad,needle",
     [
         ("{not json", "malformed JSON"),
-        ("[1, 2]", "not an entry or checkpoint"),
-        ('{"kind": "other"}', "not an entry or checkpoint"),
+        ("[1, 2]", "not an entry, checkpoint or key-rotation"),
+        ('{"kind": "other"}', "not an entry, checkpoint or key-rotation"),
         ('{"kind": "checkpoint", "note": 5}', "note is not a string"),
     ],
 )

@@ -1,0 +1,229 @@
+"""Rotating the ledger's checkpoint key: auditors follow the hand-over from either key,
+running processes pick the new key up, and a host with a stale key folder signs nothing."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from broker.app import create_app
+from broker.crypto.keystore import (
+    CHECKPOINT_FILE,
+    STAGED_CHECKPOINT_FILE,
+    BrokerKeys,
+    load_checkpoint_key,
+)
+from broker.ledger import checkpoint_key
+from broker.ledger.checkpoint import (
+    CheckpointError,
+    open_checkpoint,
+    parse_verifier_key,
+    verifier_key,
+)
+from broker.ledger.checkpoint_key import CheckpointKeyStale, rotate_checkpoint_key
+from broker.ledger.key_rotation import open_key_rotation
+from broker.ledger.sequencer import integrate_pending, integrate_until_empty
+from broker.ledger.service import ledger_key
+from broker.ledger.verify import verify_export
+from broker.models import LedgerKeyRotation, LedgerPending
+from broker.settings import Settings
+from tests.support import BASE_URL, World
+from tests.test_disclosure import _ask
+from tests.test_ledger import _busy_ledger, _vkey
+from tests.test_records_kek_rotation import shell
+
+
+@pytest.fixture
+def settings(database_url: str, key_dir: Path, tmp_path: Path) -> Settings:
+    """The session's keys, copied: these tests replace the checkpoint key."""
+    keys = tmp_path / "keys"
+    shutil.copytree(key_dir, keys)
+    return Settings(
+        environment="dev",
+        database_url=database_url,
+        key_dir=keys,
+        public_url=BASE_URL,
+        run_background_workers=False,
+    )
+
+
+async def _rotate(world: World) -> checkpoint_key.RotationDone:
+    rt = world.rt
+    return await rotate_checkpoint_key(
+        rt.sessionmaker, rt.settings.key_dir, rt.settings.ledger_origin
+    )
+
+
+async def _latest_note(auditor: Any) -> dict[str, Any]:
+    resp = await auditor.get("/v1/ledger/checkpoint")
+    assert resp.status_code == 200, resp.text
+    cp: dict[str, Any] = resp.json()
+    return cp
+
+
+async def _pending(world: World) -> int:
+    async with world.rt.sessionmaker() as session:
+        return int(await session.scalar(select(func.count()).select_from(LedgerPending)) or 0)
+
+
+async def test_auditors_follow_the_hand_over_from_either_key(world: World) -> None:
+    s, auditor = await _busy_ledger(world)
+    before = await integrate_until_empty(world.rt)
+    old_vkey = await _vkey(world)
+    saved = await _latest_note(auditor)
+
+    done = await _rotate(world)
+    assert (done.tree_size, done.old_verifier_key, done.resumed) == (before, old_vkey, False)
+    keys = world.rt.settings.key_dir
+    assert not (keys / STAGED_CHECKPOINT_FILE).exists()
+    assert (keys / CHECKPOINT_FILE).stat().st_mode & 0o777 == 0o600
+    assert verifier_key(
+        world.rt.settings.ledger_origin, load_checkpoint_key(keys).public_key()
+    ) == (done.new_verifier_key)
+
+    # Until the tree grows, the latest tree head is served as the rotation, which the
+    # new key signed too: what /v1/ledger/key names always opens it.
+    handed = await _latest_note(auditor)
+    assert handed["tree_size"] == before
+    for vkey in (done.new_verifier_key, old_vkey):
+        assert open_checkpoint(handed["note"], vkey).size == before
+
+    # The running process signs the next batch with the new key, without a restart.
+    assert (await s.officer.post("/v1/disclosures", json=_ask())).status_code == 200
+    after = await integrate_until_empty(world.rt)
+    assert after >= 1
+    latest = await _latest_note(auditor)
+    assert latest["tree_size"] == before + after
+    assert open_checkpoint(latest["note"], done.new_verifier_key).size == before + after
+    with pytest.raises(CheckpointError):
+        open_checkpoint(latest["note"], old_vkey)
+
+    published = (await world.http.get("/v1/ledger/key")).json()
+    assert published["verifier_key"] == done.new_verifier_key
+    assert published["jwk"]["kid"] == done.new_verifier_key.split("+")[1]
+    [rotation] = published["rotations"]
+    assert (rotation["tree_size"], rotation["old_verifier_key"]) == (before, old_vkey)
+    assert open_key_rotation(rotation["note"]).checkpoint.size == before
+
+    export = await auditor.get("/v1/ledger/export", params={"checkpoints": "all"})
+    assert export.content.startswith(b'{"kind":"key-rotation"')
+    for pinned in (old_vkey, done.new_verifier_key):
+        report = verify_export(io.BytesIO(export.content), pinned, trusted_checkpoint=saved["note"])
+        assert report.ok, report.problems
+        assert report.entries == before + after
+    # Without the hand-over, the old key reaches nothing signed after it.
+    without = b"\n".join(export.content.split(b"\n")[1:])
+    report = verify_export(io.BytesIO(without), old_vkey)
+    assert not report.ok
+
+
+async def test_a_host_with_the_old_key_folder_signs_nothing(
+    world: World, settings: Settings, tmp_path: Path
+) -> None:
+    s, _ = await _busy_ledger(world)
+    await integrate_until_empty(world.rt)
+    stale_keys = tmp_path / "stale-keys"
+    shutil.copytree(settings.key_dir, stale_keys)  # another host's copy, never updated
+    stale_app = create_app(settings.model_copy(update={"key_dir": stale_keys}))
+    async with stale_app.router.lifespan_context(stale_app):
+        stale = stale_app.state.runtime
+        await _rotate(world)
+        assert (await s.officer.post("/v1/disclosures", json=_ask())).status_code == 200
+        waiting = await _pending(world)
+        assert waiting >= 1
+        with pytest.raises(CheckpointKeyStale):
+            await integrate_pending(stale)
+        assert await _pending(world) == waiting, "nothing was integrated or lost"
+        # The stale host still publishes the ledger's current key, not its own.
+        async with stale.sessionmaker() as session:
+            published = await ledger_key(stale, session)
+        assert published.verifier_key != verifier_key(
+            settings.ledger_origin, stale.keys.checkpoint_signing.public_key()
+        )
+        # Given the new folder, it signs again; here the up-to-date process does.
+        assert await integrate_until_empty(world.rt) == waiting
+
+
+async def test_a_host_with_another_deployments_keys_signs_nothing(
+    world: World, settings: Settings, tmp_path: Path
+) -> None:
+    """Before any rotation, the newest checkpoint's signer is the current key."""
+    s, _ = await _busy_ledger(world)
+    await integrate_until_empty(world.rt)
+    other = tmp_path / "other-keys"
+    BrokerKeys.generate(other)  # say, a folder made afresh by mistake
+    stranger_app = create_app(settings.model_copy(update={"key_dir": other}))
+    async with stranger_app.router.lifespan_context(stranger_app):
+        stranger = stranger_app.state.runtime
+        assert (await s.officer.post("/v1/disclosures", json=_ask())).status_code == 200
+        waiting = await _pending(world)
+        with pytest.raises(CheckpointKeyStale):
+            await integrate_pending(stranger)
+        with pytest.raises(CheckpointKeyStale, match="not the ledger's current one"):
+            await rotate_checkpoint_key(stranger.sessionmaker, other, settings.ledger_origin)
+        assert await _pending(world) == waiting
+    assert await integrate_until_empty(world.rt) == waiting
+
+
+async def test_a_rotation_cut_short_is_finished_by_running_it_again(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s, _ = await _busy_ledger(world)
+    await integrate_until_empty(world.rt)
+    keys = world.rt.settings.key_dir
+
+    def crash(_: Path) -> None:
+        raise OSError("the machine went down before the key file was moved")
+
+    monkeypatch.setattr(checkpoint_key, "install_staged_checkpoint_key", crash)
+    with pytest.raises(OSError, match="went down"):
+        await _rotate(world)
+    monkeypatch.undo()
+    assert (keys / STAGED_CHECKPOINT_FILE).exists()
+    # The ledger already names the new key, which the folder does not hold yet: no signing.
+    assert (await s.officer.post("/v1/disclosures", json=_ask())).status_code == 200
+    with pytest.raises(CheckpointKeyStale):
+        await integrate_pending(world.rt)
+    done = await _rotate(world)
+    assert done.resumed and not (keys / STAGED_CHECKPOINT_FILE).exists()
+    assert await integrate_until_empty(world.rt) >= 1
+    async with world.rt.sessionmaker() as session:
+        assert await session.scalar(select(func.count()).select_from(LedgerKeyRotation)) == 1
+
+
+async def test_a_staged_key_that_never_committed_is_dropped(world: World) -> None:
+    keys = world.rt.settings.key_dir
+    shutil.copy(keys / CHECKPOINT_FILE, keys / STAGED_CHECKPOINT_FILE)  # a stray leftover
+    done = await _rotate(world)
+    assert not done.resumed and done.tree_size == 0
+    assert not (keys / STAGED_CHECKPOINT_FILE).exists()
+    assert verifier_key(
+        world.rt.settings.ledger_origin, load_checkpoint_key(keys).public_key()
+    ) == (done.new_verifier_key)
+
+
+async def test_rotating_from_a_stale_folder_is_refused(world: World, tmp_path: Path) -> None:
+    stale = tmp_path / "stale-keys"
+    shutil.copytree(world.rt.settings.key_dir, stale)
+    await _rotate(world)
+    with pytest.raises(CheckpointKeyStale, match="not the ledger's current one"):
+        await rotate_checkpoint_key(world.rt.sessionmaker, stale, world.rt.settings.ledger_origin)
+
+
+def test_rotate_from_the_shell(tmp_path: Path, database_url: str, settings: Settings) -> None:
+    broker = shell(tmp_path, database_url)  # production, keys in tmp_path / "keys"
+    first = broker("keys", "rotate", "checkpoint")
+    assert first.returncode == 0, first.stderr
+    assert "rotated at tree size 0" in first.stdout
+    new_vkey = first.stdout.strip().splitlines()[-1]
+    on_disk = load_checkpoint_key(settings.key_dir).public_key()
+    assert parse_verifier_key(new_vkey)[2] == on_disk
+    assert "copy the folder to every other host" in first.stderr
+    second = broker("keys", "rotate", "checkpoint")
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.strip().splitlines()[-1] != new_vkey
