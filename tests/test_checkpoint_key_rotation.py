@@ -3,6 +3,7 @@ running processes pick the new key up, and a host with a stale key folder signs 
 
 from __future__ import annotations
 
+import asyncio
 import io
 import shutil
 from pathlib import Path
@@ -120,6 +121,34 @@ async def test_auditors_follow_the_hand_over_from_either_key(world: World) -> No
     without = b"\n".join(export.content.split(b"\n")[1:])
     report = verify_export(io.BytesIO(without), old_vkey)
     assert not report.ok
+
+
+async def test_a_rotation_racing_the_sequencer_leaves_no_checkpoint_outside_its_keys_span(
+    world: World,
+) -> None:
+    """The rotation takes the sequencer's lock: no batch is signed by the old key after
+    the tree head it hands over at, however the two interleave."""
+    s, auditor = await _busy_ledger(world, disclosures=12)
+    rt = world.rt
+    old_vkey = await _vkey(world)
+
+    async def integrate_in_small_batches() -> None:
+        for _ in range(100):  # bounded; the outbox empties well before
+            if not await integrate_pending(rt, batch_size=2):
+                return
+            await asyncio.sleep(0)  # let the rotation in between batches
+
+    async def rotate_soon() -> checkpoint_key.RotationDone:
+        await asyncio.sleep(0)
+        return await _rotate(world)
+
+    _, done = await asyncio.gather(integrate_in_small_batches(), rotate_soon())
+    await integrate_until_empty(rt)
+    export = await auditor.get("/v1/ledger/export", params={"checkpoints": "all"})
+    for pinned in (old_vkey, done.new_verifier_key):
+        report = verify_export(io.BytesIO(export.content), pinned)
+        assert report.ok, report.problems
+        assert report.checkpoints_verified > 2
 
 
 async def test_a_host_with_the_old_key_folder_signs_nothing(
