@@ -183,3 +183,20 @@ async def story_one(world: World, **shelter_kwargs: Any) -> Story:
         advocate, {police.id: "PD-24-0193", shelter.id: "HH-2024-0042"}
     )
     return Story(shelter, police, advocate, officer, subject_id, "PD-24-0193")
+
+
+async def queued_entries(rt: Runtime, entry_type: str) -> list[dict[str, Any]]:
+    """Bodies of the ledger entries of ``entry_type`` still in the outbox (tests run no
+    sequencer), oldest first."""
+    import orjson
+    from sqlalchemy import select
+
+    from broker.models import LedgerPending
+
+    async with rt.sessionmaker() as session:
+        bodies = await session.scalars(
+            select(LedgerPending.body)
+            .where(LedgerPending.entry_type == entry_type)
+            .order_by(LedgerPending.seq)
+        )
+        return [orjson.loads(body) for body in bodies]

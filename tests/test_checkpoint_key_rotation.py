@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from broker.ledger.key_rotation import open_key_rotation
 from broker.ledger.sequencer import integrate_pending, integrate_until_empty
 from broker.ledger.service import ledger_key
 from broker.ledger.verify import verify_export
-from broker.models import LedgerKeyRotation, LedgerPending
+from broker.models import LedgerEntry, LedgerKeyRotation, LedgerPending
 from broker.settings import Settings
 from tests.support import BASE_URL, World
 from tests.test_disclosure import _ask
@@ -103,6 +104,21 @@ async def test_auditors_follow_the_hand_over_from_either_key(world: World) -> No
     assert open_checkpoint(latest["note"], done.new_verifier_key).size == before + after
     with pytest.raises(CheckpointError):
         open_checkpoint(latest["note"], old_vkey)
+
+    async with world.rt.sessionmaker() as session:
+        [entry] = (
+            await session.scalars(
+                select(LedgerEntry).where(LedgerEntry.entry_type == "ledger.key_rotated")
+            )
+        ).all()
+    assert entry.idx >= before  # in the tree after the hand-over: under the new key
+    body = json.loads(entry.body)
+    assert (body["tree_size"], body["old_key"], body["new_key"], body["actor"]) == (
+        before,
+        old_vkey,
+        done.new_verifier_key,
+        None,
+    )
 
     published = (await world.http.get("/v1/ledger/key")).json()
     assert published["verifier_key"] == done.new_verifier_key

@@ -32,7 +32,7 @@ from broker.models import Disclosure, Subject
 from broker.runtime import Runtime
 from broker.settings import Settings
 from broker.subjects.rewrap import rewrap_data_keys
-from tests.support import BASE_URL, Story, World, consent_body, story_one
+from tests.support import BASE_URL, Story, World, consent_body, queued_entries, story_one
 
 BIN = Path(sys.executable).parent
 RECORD = {"intake_date": "2024-03-02", "bed_status": "assigned"}
@@ -128,6 +128,10 @@ async def test_held_records_stay_readable_through_rotation_rewrap_and_forgetting
         )
         again = await rewrap_data_keys(rt.sessionmaker, rt.keys.records_keks)
         assert again.done and (again.checked, again.already_current) == (2, 2)
+        # Each pass leaves one ledger entry: the key's public name and the counts.
+        passes = await queued_entries(rt, "keys.data_keys_rewrapped")
+        assert [(e["rewrapped"], e["already_current"]) for e in passes] == [(1, 1), (0, 2)]
+        assert {e["records_key"] for e in passes} == {new_id}
 
     assert forget_retired_records_keks(keys) == [old_id]
     assert not retired.exists()

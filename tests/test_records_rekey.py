@@ -10,9 +10,10 @@ import pytest
 from sqlalchemy import select, update
 
 from broker.crypto.datakeys import RecordUnreadable, decrypt_record, record_aad, unwrap_data_key
+from broker.crypto.keystore import records_kek_id
 from broker.models import HeldRecord, Subject
 from broker.subjects.rekey import RekeyReport, lock_data_key, rekey_held_records, rekey_survivor
-from tests.support import World, story_one
+from tests.support import World, queued_entries, story_one
 from tests.test_records_kek_rotation import (
     RECORD,
     _deposit_and_grant,
@@ -50,6 +51,13 @@ async def test_rekeyed_records_stay_readable_and_the_old_data_key_opens_nothing(
     assert report.survivors_checked == len(before) >= 4
     assert report.survivors_rekeyed == report.survivors_checked
     assert (report.records_reencrypted, report.unreadable, report.done) == (1, 0, True)
+    [entry] = await queued_entries(rt, "keys.held_records_rekeyed")  # counts, nothing personal
+    assert entry["records_key"] == records_kek_id(rt.keys.records_kek)
+    assert (entry["survivors_rekeyed"], entry["records_reencrypted"], entry["actor"]) == (
+        report.survivors_rekeyed,
+        1,
+        None,
+    )
 
     after = await _wrapped_keys(rt)
     assert after.keys() == before.keys()

@@ -33,6 +33,7 @@ from broker.crypto.keystore import (
 )
 from broker.hot_sql import HotStatement
 from broker.ledger.checkpoint import Checkpoint, key_id, signer_ids, verifier_key
+from broker.ledger.entries import append_entry
 from broker.ledger.key_rotation import sign_key_rotation
 from broker.ledger.merkle import EMPTY_ROOT
 from broker.models import LedgerCheckpoint, LedgerKeyRotation
@@ -153,6 +154,16 @@ async def rotate_checkpoint_key(
                 new_verifier_key=new_vkey,
                 note=sign_key_rotation(head, old, new),
             )
+        )
+        # Also in the tree itself, integrated (and so signed) under the new key.
+        rotated = {"tree_size": head.size, "old_key": old_vkey, "new_key": new_vkey}
+        await append_entry(
+            session,
+            hmac_key=b"",
+            entry_type="ledger.key_rotated",
+            actor=None,
+            agency_id=None,
+            fields=rotated,
         )
     install_staged_checkpoint_key(key_dir)
     return RotationDone(head.size, old_vkey, new_vkey)

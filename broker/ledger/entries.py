@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 import rfc8785
 from sqlalchemy import insert
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from broker.auth.roles import Principal
 from broker.crypto.commitment import subject_commitment
@@ -145,3 +145,17 @@ async def append_entry(
     await (await session.connection()).execute(_INSERT, row)
     entry_id: str = row["entry_id"]
     return entry_id
+
+
+async def record_operation(
+    sessionmaker: async_sessionmaker[AsyncSession], entry_type: str, fields: dict[str, Any]
+) -> str:
+    """Queue an entry for an operator's action from the shell, in its own transaction.
+
+    Key operations have no client (``actor`` null) and no survivor; ``fields`` hold
+    public key names and counts only.
+    """
+    async with sessionmaker() as session, session.begin():
+        return await append_entry(
+            session, hmac_key=b"", entry_type=entry_type, actor=None, agency_id=None, fields=fields
+        )

@@ -10,11 +10,13 @@ One survivor per transaction. Her row is locked first (an UPDATE that changes
 nothing: a row lock on PostgreSQL, the write lock on SQLite), and deposits take the
 same lock before reading her key (``disclosure.records``), so no record can be
 sealed under a data key that is being replaced. A survivor whose key or any record
-opens with no key the broker holds is left exactly as she was and counted.
+opens with no key the broker holds is left exactly as she was and counted. The run
+ends with one ledger entry of its counts (``keys.held_records_rekeyed``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,6 +32,8 @@ from broker.crypto.datakeys import (
     unwrap_data_key,
     unwrap_with_any,
 )
+from broker.crypto.keystore import records_kek_id
+from broker.ledger.entries import record_operation
 from broker.models import HeldRecord, Subject
 
 __all__ = ["RekeyReport", "lock_data_key", "rekey_held_records", "rekey_survivor"]
@@ -150,5 +154,8 @@ async def rekey_held_records(
         if progress is not None and ids:
             progress(report)
         if len(ids) < batch:
-            return report
+            break
         after = ids[-1]
+    fields = {"records_key": records_kek_id(keks[0]), **dataclasses.asdict(report)}
+    await record_operation(sessionmaker, "keys.held_records_rekeyed", fields)
+    return report

@@ -5,17 +5,21 @@ same data keys, so a rewrap of a million survivors is a million key unwraps and
 wraps, not a re-encryption. Each batch is one transaction, and a row is only
 rewritten if it still holds the value read (``WHERE wrapped_data_key = old``): a
 survivor erased meanwhile stays erased, and two rewraps running at once do no harm.
-Running it again is safe and is how an operator checks that nothing is left.
+Running it again is safe and is how an operator checks that nothing is left. Each
+run ends with one ledger entry of its counts (``keys.data_keys_rewrapped``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from broker.crypto.datakeys import RecordUnreadable, rewrap_data_key
+from broker.crypto.keystore import records_kek_id
+from broker.ledger.entries import record_operation
 from broker.models import Subject
 
 __all__ = ["RewrapReport", "rewrap_data_keys"]
@@ -79,5 +83,8 @@ async def rewrap_data_keys(
                 else:
                     report.changed_meanwhile += 1
         if len(rows) < batch:
-            return report
+            break
         after = rows[-1][0]
+    fields = {"records_key": records_kek_id(keks[0]), **dataclasses.asdict(report)}
+    await record_operation(sessionmaker, "keys.data_keys_rewrapped", fields)
+    return report
