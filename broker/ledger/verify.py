@@ -48,7 +48,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from broker.ledger.checkpoint import Checkpoint, CheckpointError, parse_verifier_key
 from broker.ledger.key_rotation import KeyRotation, TrustedKeys, open_key_rotation
@@ -289,6 +289,8 @@ class VerifyReport:
     problems: list[str]
     tree_size: int
     root_hash: bytes
+    #: Key hand-overs followed from the pinned key, oldest first: (tree size, new key).
+    key_rotations: list[tuple[int, str]] = field(default_factory=list)
 
 
 class _Run:
@@ -297,6 +299,7 @@ class _Run:
     def __init__(self, vkey: str, origin: str | None) -> None:
         self.keys = TrustedKeys(vkey)
         self.rotation_labels: dict[KeyRotation, str] = {}
+        self.followed: list[KeyRotation] = []
         #: The auditor's saved checkpoint, checked after the rotations that lead to its key.
         self.saved: str | None = None
         self.origin = origin
@@ -386,6 +389,7 @@ class _Run:
             self.problem(f"{label}: rejected: {exc}")
             return
         for rot in linked:
+            self.followed.append(rot)
             self.place(self.rotation_labels[rot], rot.checkpoint, False)
 
     def place(self, label: str, cp: Checkpoint, trusted: bool) -> None:
@@ -461,7 +465,20 @@ class _Run:
             problems=self.problems,
             tree_size=size,
             root_hash=self.tree.root(),
+            key_rotations=[(r.size, r.new_vkey) for r in _in_order(self.followed)],
         )
+
+
+def _in_order(rotations: list[KeyRotation]) -> list[KeyRotation]:
+    """Linked rotations as the chain they form, oldest key first (sizes may tie)."""
+    by_old = {r.old_vkey: r for r in rotations}
+    newer = {r.new_vkey for r in rotations}
+    chain: list[KeyRotation] = []
+    key = next((r.old_vkey for r in rotations if r.old_vkey not in newer), None)
+    while key in by_old and len(chain) < len(rotations):
+        chain.append(by_old[key])
+        key = by_old[key].new_vkey
+    return chain
 
 
 def _auto_workers() -> int:
@@ -545,6 +562,10 @@ def print_report(report: VerifyReport) -> int:
     )
     if report.first_bad_index is not None:
         print(f"first bad index: {report.first_bad_index}")
+    for size, vkey in report.key_rotations:
+        print(f"checkpoint key handed over at tree size {size} to {vkey}")
+    if report.ok and report.key_rotations:
+        print("pin the newest key above for your next audit")
     for msg in report.problems:
         print(f"  - {msg}")
     return 0 if report.ok else 1

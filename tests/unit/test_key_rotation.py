@@ -219,6 +219,28 @@ def test_an_export_across_a_rotation_verifies_from_either_key(pinned: int) -> No
     assert report.checkpoints_verified == 5  # four checkpoints and the rotation's tree head
 
 
+def test_the_report_names_the_keys_followed_oldest_first(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Two hand-overs at the same size (0 to 1 to 2), pinned on the newest key, so they
+    are learned newest first: the report still lists them in the chain's order."""
+    handovers = [(KEYS[0], KEYS[1]), (KEYS[1], KEYS[2])]
+    lines = [
+        json.dumps({"kind": "key-rotation", "note": sign_key_rotation(head(100, ROOTS[100]), *k)})
+        for k in handovers
+    ]
+    for i in range(200):
+        lines.append(entry_line(i))
+        if (i + 1) % 50 == 0:
+            lines.append(cp_line(i + 1, ROOTS[i + 1], KEYS[0] if i + 1 <= 100 else KEYS[2]))
+    report = v.verify_export(lines, VKEYS[2], origin=ORIGIN)
+    assert report.ok, report.problems
+    assert report.key_rotations == [(100, VKEYS[1]), (100, VKEYS[2])]
+    assert v.print_report(report) == 0
+    out = capsys.readouterr().out
+    assert f"handed over at tree size 100 to {VKEYS[2]}" in out and "pin the newest" in out
+
+
 def test_the_retired_key_signing_past_the_hand_over_is_reported() -> None:
     lines = rotated_export()
     late = lines.index(cp_line(150, ROOTS[150], KEYS[1]))
