@@ -18,9 +18,11 @@ from broker.consent.endpoints import router as consent_router
 from broker.disclosure.endpoints import router as disclosure_router
 from broker.disclosure.fast_path import DisclosureFastPath
 from broker.errors import PROBLEM_SCHEMA, install_error_handlers
+from broker.health import router as health_router
 from broker.ledger.endpoints import router as ledger_router
 from broker.middleware import BodyLimitMiddleware
 from broker.runtime import Runtime, build_runtime
+from broker.schema_version import SchemaBehind, check_schema
 from broker.settings import Settings
 from broker.subjects.endpoints import router as subjects_router
 
@@ -33,6 +35,17 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            await check_schema(rt.engine)
+        except SchemaBehind as exc:
+            log.error("not starting: %s", exc)
+            await rt.aclose()
+            raise
+        except Exception as exc:  # unreachable now: serve 503s, /readyz says not ready
+            log.warning(
+                "database not reachable at start (%s); checking again on /readyz",
+                type(exc).__name__,
+            )
         if settings.run_background_workers:
             from broker.workers import start_workers
 
@@ -80,6 +93,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         subjects_router,
         consent_router,
         ledger_router,
+        health_router,
     ):
         app.include_router(router)
 

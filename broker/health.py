@@ -1,0 +1,53 @@
+"""Liveness and readiness for load balancers and orchestrators.
+
+``/livez`` says only that the process answers (restart it if not). ``/readyz``
+also reads the database's schema revision, so an instance cut off from its
+database, or started on one ``broker migrate`` has not brought up to date, stops
+getting traffic instead of answering 503 to every request. Neither says more than
+a status: both are public.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter
+from pydantic import BaseModel
+
+from broker.errors import ServiceUnavailable, error_responses
+from broker.runtime import RuntimeDep
+from broker.schema_version import SchemaBehind, check_schema
+
+router = APIRouter(tags=["operations"])
+
+#: Well under the probes' usual timeouts, so a hung database fails the probe cleanly.
+DATABASE_TIMEOUT_SECONDS = 2.0
+
+
+class Health(BaseModel):
+    status: str
+
+
+@router.get("/livez", summary="The process answers")
+async def livez() -> Health:
+    return Health(status="alive")
+
+
+@router.get(
+    "/readyz",
+    responses=error_responses(ServiceUnavailable),
+    summary="The process answers, reaches its database, and the schema is up to date",
+)
+async def readyz(rt: RuntimeDep) -> Health:
+    try:
+        async with asyncio.timeout(DATABASE_TIMEOUT_SECONDS):
+            await check_schema(rt.engine)
+    except SchemaBehind:
+        raise ServiceUnavailable(
+            "The database schema is behind this broker (run `broker migrate`); not ready."
+        ) from None
+    except Exception as exc:  # whatever the failure, the instance is not ready
+        raise ServiceUnavailable(
+            f"The database cannot be reached ({type(exc).__name__}); not ready."
+        ) from None
+    return Health(status="ready")
