@@ -289,6 +289,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(args.url))
 
 
+async def _ledger_status() -> int:
+    from broker.ledger.status import ledger_status
+    from broker.runtime import build_runtime
+
+    rt = build_runtime(_settings())
+    try:
+        status = await ledger_status(rt)
+    finally:
+        await rt.aclose()
+    print("\n".join(status.lines()))
+    if not status.this_folder_signs:
+        print(
+            "error: this key folder does not hold the checkpoint key the ledger expects: "
+            "sequencers using it sign nothing; copy the key folder from where "
+            "`broker keys rotate checkpoint` last ran",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def cmd_ledger_status(_: argparse.Namespace) -> int:
+    return asyncio.run(_ledger_status())
+
+
 def cmd_ledger_verify(args: argparse.Namespace) -> int:
     from broker.ledger.cli import verify_command
 
@@ -380,6 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
     lv.add_argument("--client-id")
     lv.add_argument("--key", help="auditor's private signing JWK file (with --url)")
     lv.set_defaults(func=cmd_ledger_verify)
+    ls = lg.add_parser(
+        "status",
+        help="tree size, entries waiting, and whether this key folder may sign checkpoints "
+        "(exit 1 if not)",
+    )
+    ls.set_defaults(func=cmd_ledger_status)
     return p
 
 

@@ -31,6 +31,7 @@ from broker.ledger.checkpoint_key import CheckpointKeyStale, rotate_checkpoint_k
 from broker.ledger.key_rotation import open_key_rotation
 from broker.ledger.sequencer import integrate_pending, integrate_until_empty
 from broker.ledger.service import ledger_key
+from broker.ledger.status import ledger_status
 from broker.ledger.verify import verify_export
 from broker.models import LedgerEntry, LedgerKeyRotation, LedgerPending
 from broker.settings import Settings
@@ -272,3 +273,44 @@ def test_rotate_from_the_shell(tmp_path: Path, database_url: str, settings: Sett
     second = broker("keys", "rotate", "checkpoint")
     assert second.returncode == 0, second.stderr
     assert second.stdout.strip().splitlines()[-1] != new_vkey
+
+
+async def test_ledger_status_shows_the_backlog_and_who_may_sign(
+    world: World, settings: Settings, tmp_path: Path
+) -> None:
+    s, _ = await _busy_ledger(world)
+    status = await ledger_status(world.rt)
+    assert status.pending >= 5 and status.oldest_pending_seconds is not None
+    assert (status.tree_size, status.expected_signer, status.this_folder_signs) == (0, None, True)
+    size = await integrate_until_empty(world.rt)
+    status = await ledger_status(world.rt)
+    assert (status.tree_size, status.pending, status.oldest_pending_seconds) == (size, 0, None)
+    assert status.last_checkpoint_at is not None
+    assert status.expected_signer == "+".join(status.this_folder_key.split("+")[:2])
+    assert "this key folder may sign: yes" in status.lines()
+
+    stale = tmp_path / "stale-keys"
+    shutil.copytree(settings.key_dir, stale)
+    done = await _rotate(world)
+    stale_app = create_app(settings.model_copy(update={"key_dir": stale}))
+    async with stale_app.router.lifespan_context(stale_app):
+        seen = await ledger_status(stale_app.state.runtime)
+    assert (seen.expected_signer, seen.rotations) == (done.new_verifier_key, 1)
+    assert not seen.this_folder_signs and "this key folder may sign: NO" in seen.lines()
+
+
+def test_ledger_status_from_the_shell(
+    tmp_path: Path, database_url: str, settings: Settings
+) -> None:
+    broker = shell(tmp_path, database_url)
+    fine = broker("ledger", "status")
+    assert fine.returncode == 0, fine.stderr
+    assert "tree size: 0" in fine.stdout and "may sign: yes" in fine.stdout
+    other = tmp_path / "elsewhere"
+    shutil.copytree(settings.key_dir, other)
+    assert broker("keys", "rotate", "checkpoint").returncode == 0
+    env_other = shell(other.parent / "x", database_url)  # a folder that was not rotated
+    shutil.copytree(other, other.parent / "x" / "keys")
+    stale = env_other("ledger", "status")
+    assert stale.returncode == 1 and "may sign: NO" in stale.stdout
+    assert "copy the key folder" in stale.stderr
