@@ -37,6 +37,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for warning in serve_warnings(settings, args.workers):
         print(warning, file=sys.stderr)
     load_keys(settings)  # generate (dev) or check (production) before any worker starts
+    asyncio.run(_schema_up_to_date(settings))  # refuse before any worker starts, too
     uvicorn.run(
         "broker.app:app_from_env",
         factory=True,
@@ -49,6 +50,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
         http="broker.serving:OneWriteHttpToolsProtocol",
     )
     return 0
+
+
+async def _schema_up_to_date(settings: Settings) -> None:
+    """Raise ``SchemaBehind`` (a RuntimeError: one line and exit 2) if migrations are due.
+
+    A database that cannot be reached is left to the workers: they start, answer 503
+    and report not ready until it is back.
+    """
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from broker.schema_version import SchemaBehind, check_schema
+
+    engine = create_async_engine(settings.database_url)
+    try:
+        await check_schema(engine)
+    except SchemaBehind:
+        raise
+    except Exception:  # noqa: S110 - unreachable now; the workers say so
+        pass
+    finally:
+        await engine.dispose()
 
 
 def cmd_migrate(_: argparse.Namespace) -> int:

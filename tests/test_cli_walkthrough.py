@@ -157,6 +157,16 @@ def test_keys_rotate_from_the_shell(tmp_path: Path) -> None:
     assert rotated.stdout.startswith("payload signing key rotated: new kid ")
     assert "restart every broker process" in rotated.stderr
     assert len(list((tmp_path / "keys" / "retired").glob("payload-signing.*.jwk.json"))) == 1
+    not_served = subprocess.run(  # noqa: S603
+        [str(BIN / "broker"), "serve", "--port", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert not_served.returncode == 2, not_served.stderr
+    assert "never migrated" in not_served.stderr and "Traceback" not in not_served.stderr
     unmigrated = broker("keys", "rotate", "checkpoint")
     assert unmigrated.returncode == 1 and "broker migrate" in unmigrated.stderr
     assert "Traceback" not in unmigrated.stderr
