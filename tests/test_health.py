@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
 from alembic import command
+from alembic.config import Config
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from broker import schema_version
 from broker.app import create_app
 from broker.migrate import alembic_config
 from broker.schema_version import SchemaBehind, code_revisions
@@ -50,7 +53,9 @@ async def test_probes_answer(http: httpx.AsyncClient) -> None:
 async def test_a_database_behind_this_code_is_refused_at_start(
     settings: Settings, database_url: str
 ) -> None:
-    head, _ = code_revisions()
+    revisions = code_revisions()
+    assert revisions is not None
+    head, _ = revisions
     await asyncio.to_thread(command.downgrade, alembic_config(database_url), "0001")
     app = create_app(settings)
     with pytest.raises(SchemaBehind, match="broker migrate") as refused:
@@ -128,3 +133,27 @@ async def test_a_database_down_at_start_is_not_fatal(settings: Settings) -> None
         resp = await _probe(app, "/readyz")
         assert resp.status_code == 503
         assert "cannot be reached" in resp.json()["detail"]
+
+
+async def test_without_migrations_installed_the_schema_goes_unchecked(
+    settings: Settings, database_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """An install whose migrations are not beside it still serves (with a warning) rather
+    than never becoming ready; the database is still reached."""
+    monkeypatch.setattr(schema_version, "alembic_config", lambda _: _missing_config(tmp_path))
+    schema_version.code_revisions.cache_clear()
+    try:
+        assert schema_version.code_revisions() is None
+        await _sql(database_url, "UPDATE alembic_version SET version_num = '0001'")
+        app = create_app(settings)
+        async with app.router.lifespan_context(app):
+            assert (await _probe(app, "/readyz")).status_code == 200
+    finally:
+        monkeypatch.undo()
+        schema_version.code_revisions.cache_clear()
+
+
+def _missing_config(folder: Path) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(folder / "no-migrations-here"))
+    return cfg
