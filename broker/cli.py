@@ -103,7 +103,9 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 
     settings = _settings()
     if args.which == "checkpoint":
-        return asyncio.run(_rotate_checkpoint_key())
+        return asyncio.run(_rotate_checkpoint_key(args.lost_key))
+    if args.lost_key is not None:
+        raise ValueError("--lost-key is for the checkpoint key only")
     if args.which == "records":
         old_id, new_id = rotate_records_kek(settings.key_dir)
         print(f"records key rotated: new key {new_id}")
@@ -123,17 +125,21 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _rotate_checkpoint_key() -> int:
+async def _rotate_checkpoint_key(lost_key: str | None) -> int:
     from sqlalchemy.exc import DBAPIError
 
     from broker.ledger.checkpoint_key import CheckpointKeyStale, rotate_checkpoint_key
+    from broker.ledger.verify import read_text_arg
     from broker.runtime import build_runtime
 
     settings = _settings()
+    lost = read_text_arg(lost_key) if lost_key is not None else None
     rt = build_runtime(settings)
     try:
         origin = settings.ledger_origin
-        done = await rotate_checkpoint_key(rt.sessionmaker, settings.key_dir, origin)
+        done = await rotate_checkpoint_key(
+            rt.sessionmaker, settings.key_dir, origin, lost_vkey=lost
+        )
     except CheckpointKeyStale as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -150,6 +156,14 @@ async def _rotate_checkpoint_key() -> int:
         print("finished a checkpoint key rotation an earlier run had committed")
     print(f"checkpoint key rotated at tree size {done.tree_size}: new verifier key")
     print(done.new_verifier_key)
+    if lost is not None and not done.resumed:
+        print(
+            f"recovery: the lost key signs nothing past tree size {done.tree_size}, and it could "
+            "not vouch for the new one. Auditors who pinned it must be given the new key "
+            "out of band (in person, or signed by your organisation) before they trust it",
+            file=sys.stderr,
+        )
+        return 0
     print(
         f"the old key now verifies only checkpoints up to size {done.tree_size}, and its "
         "private half is deleted. Processes using this key folder sign with the new key "
@@ -368,6 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
         "ledger checkpoint key (the old one cosigns a hand-over auditors follow)",
     )
     kr.add_argument("which", choices=["token", "payload", "records", "checkpoint"])
+    kr.add_argument(
+        "--lost-key",
+        metavar="VKEY",
+        help="checkpoint only, when its private key is lost: the verifier key it had (text "
+        "or @FILE, as GET /v1/ledger/key gave it); the new key alone signs the hand-over",
+    )
     kr.set_defaults(func=cmd_keys_rotate)
     kw = k.add_parser(
         "rewrap-records",

@@ -10,7 +10,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import func, select
 
 from broker.app import create_app
@@ -272,7 +274,20 @@ def test_rotate_from_the_shell(tmp_path: Path, database_url: str, settings: Sett
     assert "copy the folder to every other host" in first.stderr
     second = broker("keys", "rotate", "checkpoint")
     assert second.returncode == 0, second.stderr
-    assert second.stdout.strip().splitlines()[-1] != new_vkey
+    current = second.stdout.strip().splitlines()[-1]
+    assert current != new_vkey
+    # The key file is lost; `keys init` makes a new one, which the ledger does not accept.
+    (settings.key_dir / CHECKPOINT_FILE).unlink()
+    assert broker("keys", "init").returncode == 0
+    assert broker("ledger", "status").returncode == 1
+    misuse = broker("keys", "rotate", "token", "--lost-key", current)
+    assert misuse.returncode == 2 and "checkpoint key only" in misuse.stderr
+    saved = tmp_path / "published.vkey"
+    saved.write_text(current + "\n")
+    recovered = broker("keys", "rotate", "checkpoint", "--lost-key", f"@{saved}")
+    assert recovered.returncode == 0, recovered.stderr
+    assert "out of band" in recovered.stderr
+    assert broker("ledger", "status").returncode == 0
 
 
 async def test_ledger_status_shows_the_backlog_and_who_may_sign(
@@ -314,3 +329,47 @@ def test_ledger_status_from_the_shell(
     stale = env_other("ledger", "status")
     assert stale.returncode == 1 and "may sign: NO" in stale.stdout
     assert "copy the key folder" in stale.stderr
+
+
+async def test_a_lost_key_is_recovered_and_auditors_are_told(
+    world: World, settings: Settings
+) -> None:
+    """The key file is lost and `broker keys init` made a new one: its sequencer refuses to
+    sign (the ledger expects the lost key), until a recovery names the lost key."""
+    s, auditor = await _busy_ledger(world)
+    before = await integrate_until_empty(world.rt)
+    lost_vkey = await _vkey(world)
+    keys = settings.key_dir
+    (keys / CHECKPOINT_FILE).unlink()
+    BrokerKeys.generate(keys)  # completes the folder with a fresh checkpoint key
+    restarted = create_app(settings)
+    async with restarted.router.lifespan_context(restarted):
+        rt = restarted.state.runtime
+        assert (await s.officer.post("/v1/disclosures", json=_ask())).status_code == 200
+        with pytest.raises(CheckpointKeyStale):
+            await integrate_pending(rt)
+        origin = settings.ledger_origin
+        stranger = verifier_key(origin, Ed25519PrivateKey.generate().public_key())
+        with pytest.raises(CheckpointKeyStale, match="not the checkpoint key the ledger"):
+            await rotate_checkpoint_key(rt.sessionmaker, keys, origin, lost_vkey=stranger)
+        done = await rotate_checkpoint_key(rt.sessionmaker, keys, origin, lost_vkey=lost_vkey)
+        assert (done.tree_size, done.old_verifier_key) == (before, lost_vkey)
+        with pytest.raises(CheckpointKeyStale, match="it is not lost"):
+            await rotate_checkpoint_key(
+                rt.sessionmaker, keys, origin, lost_vkey=done.new_verifier_key
+            )
+        assert await integrate_until_empty(rt) >= 2  # the disclosure and the recovery entry
+        transport = httpx.ASGITransport(app=restarted)
+        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
+            token = await auditor.token()
+            export = await http.get(
+                "/v1/ledger/export",
+                params={"checkpoints": "all"},
+                headers={"Authorization": f"Bearer {token}"},
+            )
+    assert export.status_code == 200
+    report = verify_export(io.BytesIO(export.content), done.new_verifier_key)
+    assert report.ok, report.problems
+    report = verify_export(io.BytesIO(export.content), lost_vkey)
+    assert not report.ok
+    assert any("without its own signature" in p for p in report.problems), report.problems

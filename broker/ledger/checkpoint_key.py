@@ -15,6 +15,7 @@ committed; a run cut short is finished (or undone) by running it again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +33,16 @@ from broker.crypto.keystore import (
     staged_checkpoint_key,
 )
 from broker.hot_sql import HotStatement
-from broker.ledger.checkpoint import Checkpoint, key_id, signer_ids, verifier_key
+from broker.ledger.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    key_id,
+    parse_verifier_key,
+    signer_ids,
+    verifier_key,
+)
 from broker.ledger.entries import append_entry
-from broker.ledger.key_rotation import sign_key_rotation
+from broker.ledger.key_rotation import sign_key_recovery, sign_key_rotation
 from broker.ledger.merkle import EMPTY_ROOT
 from broker.models import LedgerCheckpoint, LedgerKeyRotation
 
@@ -120,17 +128,24 @@ class RotationDone:
 
 
 async def rotate_checkpoint_key(
-    sessionmaker: async_sessionmaker[AsyncSession], key_dir: Path, origin: str
+    sessionmaker: async_sessionmaker[AsyncSession],
+    key_dir: Path,
+    origin: str,
+    *,
+    lost_vkey: str | None = None,
 ) -> RotationDone:
-    """Hand the checkpoint key over to a new one at the ledger's latest tree head."""
+    """Hand the checkpoint key over to a new one at the ledger's latest tree head.
+
+    With ``lost_vkey`` (the verifier key of a checkpoint key whose private half is
+    lost), a recovery instead: the new key alone signs the hand-over, and auditors who
+    pinned the lost key must confirm the new one out of band.
+    """
     from broker.ledger.sequencer import take_sequencer_lock
 
     async with sessionmaker() as session, session.begin():
         await take_sequencer_lock(session)
         signer = await ledger_signer(session)
         current = signer.rotated_to
-        old = load_checkpoint_key(key_dir)
-        old_vkey = verifier_key(origin, old.public_key())
         staged = staged_checkpoint_key(key_dir)
         if staged is not None:
             if current is not None and verifier_key(origin, staged.public_key()) == current:
@@ -139,34 +154,57 @@ async def rotate_checkpoint_key(
                 row = await _newest_rotation(session)
                 return RotationDone(row.tree_size, row.old_verifier_key, current, True)
             discard_staged_checkpoint_key(key_dir)  # that run never committed
-        if not signer.accepts(origin, old.public_key()):
-            raise CheckpointKeyStale(
-                "this key folder's checkpoint key is not the ledger's current one; run "
-                "the rotation with the key folder of the last rotation"
-            )
         head = await _tree_head(session, origin)
-        new = stage_checkpoint_key(key_dir)
+        if lost_vkey is None:
+            old = load_checkpoint_key(key_dir)
+            old_vkey = verifier_key(origin, old.public_key())
+            if not signer.accepts(origin, old.public_key()):
+                raise CheckpointKeyStale(
+                    "this key folder's checkpoint key is not the ledger's current one; run "
+                    "the rotation with the key folder of the last rotation"
+                )
+            new = stage_checkpoint_key(key_dir)
+            note, kind = sign_key_rotation(head, old, new), "ledger.key_rotated"
+        else:
+            old_vkey = _lost_key(signer, origin, lost_vkey, key_dir)
+            new = stage_checkpoint_key(key_dir)
+            note, kind = sign_key_recovery(head, old_vkey, new), "ledger.key_recovered"
         new_vkey = verifier_key(origin, new.public_key())
         await session.execute(
             insert(LedgerKeyRotation).values(
                 tree_size=head.size,
                 old_verifier_key=old_vkey,
                 new_verifier_key=new_vkey,
-                note=sign_key_rotation(head, old, new),
+                note=note,
             )
         )
         # Also in the tree itself, integrated (and so signed) under the new key.
-        rotated = {"tree_size": head.size, "old_key": old_vkey, "new_key": new_vkey}
+        fields = {"tree_size": head.size, "old_key": old_vkey, "new_key": new_vkey}
         await append_entry(
-            session,
-            hmac_key=b"",
-            entry_type="ledger.key_rotated",
-            actor=None,
-            agency_id=None,
-            fields=rotated,
+            session, hmac_key=b"", entry_type=kind, actor=None, agency_id=None, fields=fields
         )
     install_staged_checkpoint_key(key_dir)
     return RotationDone(head.size, old_vkey, new_vkey)
+
+
+def _lost_key(signer: LedgerSigner, origin: str, lost_vkey: str, key_dir: Path) -> str:
+    """``lost_vkey``, checked to be the key the ledger expects and not in ``key_dir``."""
+    try:
+        name, _, public = parse_verifier_key(lost_vkey)
+    except CheckpointError as exc:
+        raise CheckpointKeyStale(f"the lost key given is not a verifier key: {exc}") from None
+    if name != origin or not signer.accepts(origin, public):
+        raise CheckpointKeyStale(
+            "the lost key given is not the checkpoint key the ledger expects (GET "
+            "/v1/ledger/key published it; auditors pinned it)"
+        )
+    with contextlib.suppress(OSError, ValueError):
+        if verifier_key(origin, load_checkpoint_key(key_dir).public_key()) == lost_vkey:
+            raise CheckpointKeyStale(
+                "this key folder holds that key: it is not lost; rotate without --lost-key, "
+                "so the old key vouches for the new one"
+            )
+    return lost_vkey
 
 
 async def _tree_head(session: AsyncSession, origin: str) -> Checkpoint:

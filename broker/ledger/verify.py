@@ -446,6 +446,13 @@ class _Run:
             for label, cp, trusted in waiting:
                 why = " (log truncated or export incomplete)" if trusted else ""
                 self.problem(f"{label}: size {cp.size} exceeds the export's {size} entries{why}")
+        for rot in self.keys.unconfirmed:
+            self.problem(
+                f"{self.rotation_labels[rot]}: the trusted checkpoint key {rot.old_vkey} was "
+                f"replaced at tree size {rot.size} without its own signature (a recovery after "
+                f"it was lost); it verifies nothing later. Confirm the new key {rot.new_vkey} "
+                "with the operator, out of band, then verify again with it pinned"
+            )
         for rot in self.keys.unlinked:
             self.problem(
                 f"{self.rotation_labels[rot]}: rejected: neither of its keys is the pinned "

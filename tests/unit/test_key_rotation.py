@@ -26,6 +26,7 @@ from broker.ledger.key_rotation import (
     ROTATION_TAG,
     TrustedKeys,
     open_key_rotation,
+    sign_key_recovery,
     sign_key_rotation,
 )
 from tests.unit.test_verify import ROOTS, cp_line, entry_line
@@ -280,3 +281,58 @@ def test_a_saved_checkpoint_of_the_old_key_with_the_new_key_pinned() -> None:
     forged = sign_checkpoint(head(50, ROOTS[49]), ORIGIN, KEYS[0])
     report = v.verify_export(rotated_export(), VKEYS[1], origin=ORIGIN, trusted_checkpoint=forged)
     assert not report.ok
+
+
+# --- recovery: the old key was lost ------------------------------------------------------------
+
+
+def test_a_recovery_is_signed_by_the_new_key_alone() -> None:
+    note = sign_key_recovery(head(40), VKEYS[0], KEYS[1])
+    rot = open_key_rotation(note, ORIGIN)
+    assert (rot.size, rot.old_vkey, rot.new_vkey, rot.recovery) == (40, VKEYS[0], VKEYS[1], True)
+    assert len(signer_ids(note)) == 1
+    with pytest.raises(CheckpointError, match="invalid signature"):
+        open_key_rotation(note.replace("\n40\n", "\n41\n", 1))
+    # A rotation line with only the new key's signature is no rotation.
+    text = f"{format_body(head(40))}{ROTATION_TAG} {VKEYS[0]} {VKEYS[1]}\n"
+    with pytest.raises(CheckpointError, match="not signed by"):
+        open_key_rotation(sign_note(text, ORIGIN, KEYS[1]))
+    with pytest.raises(CheckpointError, match="another key"):
+        sign_key_recovery(head(40), VKEYS[1], KEYS[1])
+
+
+def test_a_recovery_is_followed_from_the_new_key() -> None:
+    keys = TrustedKeys(VKEYS[1])
+    rot = open_key_rotation(sign_key_recovery(head(40), VKEYS[0], KEYS[1]))
+    assert keys.learn(rot) == [rot] and keys.unconfirmed == []
+    assert keys.open(signed(30, 0)).size == 30  # the new key vouches for the lost one's past
+    with pytest.raises(CheckpointError, match="rotated"):
+        keys.open(signed(41, 0))
+
+
+def test_from_the_lost_key_a_recovery_only_retires_it() -> None:
+    keys = TrustedKeys(VKEYS[0])
+    rot = open_key_rotation(sign_key_recovery(head(40), VKEYS[0], KEYS[1]))
+    assert keys.learn(rot) == [] and keys.unconfirmed == [rot] and keys.unlinked == []
+    assert keys.open(signed(40, 0)).size == 40
+    with pytest.raises(CheckpointError, match="signs only from size 0 to 40"):
+        keys.open(signed(41, 0))  # whoever found the lost key cannot sign on
+    with pytest.raises(CheckpointError, match="not signed by"):
+        keys.open(signed(50, 1))  # and the new key is not trusted until confirmed
+
+
+def recovered_export() -> list[str]:
+    lines = rotated_export()
+    note = sign_key_recovery(head(100, ROOTS[100]), VKEYS[0], KEYS[1])
+    lines[0] = json.dumps({"kind": "key-rotation", "note": note})
+    return lines
+
+
+def test_an_export_across_a_recovery() -> None:
+    report = v.verify_export(recovered_export(), VKEYS[1], origin=ORIGIN)
+    assert report.ok, report.problems
+    assert report.key_rotations == [(100, VKEYS[1])]
+    report = v.verify_export(recovered_export(), VKEYS[0], origin=ORIGIN)
+    assert not report.ok
+    assert any("without its own signature" in p for p in report.problems), report.problems
+    assert any(VKEYS[1] in p and "out of band" in p for p in report.problems)
