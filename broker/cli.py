@@ -111,7 +111,9 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
         print(f"records key rotated: new key {new_id}")
         print(
             f"the retired key {old_id} is kept in {settings.key_dir / RETIRED_DIR} and still "
-            "unwraps; restart every broker process, then run `broker keys rewrap-records`",
+            "unwraps. Processes using this folder take the new key when they next need it "
+            "(no restart); copy the folder to every other host, then run "
+            "`broker keys rewrap-records`",
             file=sys.stderr,
         )
         return 0
@@ -201,15 +203,15 @@ async def _rewrap_records(forget: bool) -> int:
         return 1
     if not forget:
         print(
-            f"all data keys read are under records key {current}. Once every broker process "
-            "has restarted since the rotation, run this again with --forget-retired",
+            f"all data keys read are under records key {current}. Once every host's key "
+            "folder holds this key, run this again with --forget-retired",
             file=sys.stderr,
         )
         return 0
     if not report.done:
         print(
             "not forgetting the retired keys: this pass still rewrapped or skipped some; "
-            "run it again (after every process has restarted since the rotation)",
+            "run it again (once every host's key folder holds the new key)",
             file=sys.stderr,
         )
         return 1
@@ -391,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     kr.set_defaults(func=cmd_keys_rotate)
     kw = k.add_parser(
         "rewrap-records",
-        help="after `keys rotate records` and a restart of every process: rewrap every "
+        help="after `keys rotate records`, with the new key on every host: rewrap every "
         "survivor's data key under the current records key",
     )
     kw.add_argument(

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -13,13 +14,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from broker.auth.ratelimit import RateLimiter
 from broker.auth.tokens import AccessTokenVerifier
 from broker.catalog import Catalog, load_catalog
-from broker.crypto.keystore import BrokerKeys
+from broker.crypto.datakeys import DataKeyUnavailable
+from broker.crypto.keystore import BrokerKeys, RecordsKeyRotated
 from broker.db import make_engine, make_sessionmaker
 from broker.ledger.sequencer import SequencerState
 from broker.settings import Settings
 from broker.sources.connections import AgencyClient
 
 log = logging.getLogger("broker")
+T = TypeVar("T")
 
 
 @dataclass
@@ -45,6 +48,39 @@ class Runtime:
     #: Set when a commit queued revocation notices: this process's delivery loop goes
     #: at once instead of finishing its idle pause (up to 4 s).
     notices_due: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def reload_records_keys(self) -> bool:
+        """Take the records keys now in the key folder; True if they changed.
+
+        Called when a survivor's data key opens with none of the keys held, or the
+        records key file no longer holds the key loaded: a records-key rotation then
+        needs no restart. Keys are read, never written; a folder without the new key
+        (another host's, not yet updated) changes nothing, and the caller answers 503.
+        """
+        fresh = self.keys.with_records_keys_from_disk()
+        if fresh is self.keys:
+            return False
+        self.keys = fresh
+        log.info("records keys reloaded from the key folder")
+        return True
+
+    def with_records_keys(self, use: Callable[[tuple[bytes, ...]], T]) -> T:
+        """``use(records keys)``, once more with the folder's keys if no key held opened
+        the survivor's data key (``DataKeyUnavailable``) and the folder has others."""
+        try:
+            return use(self.keys.records_keks)
+        except DataKeyUnavailable:
+            if not self.reload_records_keys():
+                raise
+            return use(self.keys.records_keks)
+
+    def wrapping_kek(self) -> bytes:
+        """The records key to wrap a new data key with, taking a rotated one from disk."""
+        try:
+            return self.keys.wrapping_kek()
+        except RecordsKeyRotated:
+            self.reload_records_keys()
+            return self.keys.wrapping_kek()
 
     async def aclose(self) -> None:
         """Close the records client and every database pool."""

@@ -206,7 +206,7 @@ def test_rotate_and_rewrap_from_the_shell(tmp_path: Path, database_url: str) -> 
     rotated = broker("keys", "rotate", "records")
     assert rotated.returncode == 0, rotated.stderr
     assert rotated.stdout.startswith("records key rotated: new key ")
-    assert "restart every broker process" in rotated.stderr
+    assert "no restart" in rotated.stderr and "every other host" in rotated.stderr
     first = broker("keys", "rewrap-records")
     assert first.returncode == 0, first.stderr
     assert "checked 0: rewrapped 0" in first.stdout
@@ -218,11 +218,11 @@ def test_rotate_and_rewrap_from_the_shell(tmp_path: Path, database_url: str) -> 
     assert list((tmp_path / "keys" / RETIRED_DIR).glob("records-kek.*.key")) == []
 
 
-async def test_a_process_not_restarted_after_the_rotation_refuses_to_enrol(
+async def test_a_running_process_takes_the_rotated_records_key_from_its_folder(
     world: World, tmp_path: Path
 ) -> None:
-    """It would wrap with the retired key, which may be forgotten later: it refuses,
-    and stores nothing, while what it already holds stays readable."""
+    """No restart: the rotation, the rewrap and the forgetting all happen while one
+    process serves, and it enrols, deposits and discloses throughout."""
     s = await _deposit_and_grant(world)
     token = await s.officer.token()
     advocate_token = await s.advocate.token()
@@ -230,26 +230,56 @@ async def test_a_process_not_restarted_after_the_rotation_refuses_to_enrol(
     shutil.copytree(world.rt.settings.key_dir, keys)
     async with _restarted(world.rt.settings, keys) as app:
         rt: Runtime = app.state.runtime
+        old_kek = rt.keys.records_kek
         transport = httpx.ASGITransport(app=app)
         auth = {"Authorization": f"Bearer {advocate_token}"}
         async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
             assert (await http.post("/v1/subjects", json={}, headers=auth)).status_code == 201
             rotate_records_kek(keys)  # while this process runs with the old key
-            before = await _wrapped_keys(rt)
-            refused = await http.post("/v1/subjects", json={}, headers=auth)
-            assert refused.status_code == 503, refused.text
-            assert refused.headers["content-type"].startswith("application/problem+json")
-            assert "restart" in refused.json()["detail"]
-            assert await _wrapped_keys(rt) == before  # nothing stored
-        assert await _disclose(app, token, s) == RECORD
-    async with _restarted(world.rt.settings, keys) as app:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
             made = await http.post("/v1/subjects", json={}, headers=auth)
             assert made.status_code == 201, made.text
-        rt = app.state.runtime
+        assert rt.keys.records_kek != old_kek and rt.keys.retired_records_keks == (old_kek,)
         wrapped = (await _wrapped_keys(rt))[made.json()["subject_id"]]
         unwrap_data_key(rt.keys.records_kek, wrapped)  # under the new key
+        assert await _disclose(app, token, s) == RECORD  # her key is still under the old one
+        report = await rewrap_data_keys(rt.sessionmaker, BrokerKeys.load(keys).records_keks)
+        assert report.rewrapped == 2
+        assert forget_retired_records_keks(keys)
+        assert await _disclose(app, token, s) == RECORD
+
+
+async def test_a_data_key_no_key_held_opens_sends_the_process_to_its_folder(
+    world: World, tmp_path: Path
+) -> None:
+    """Rotated, rewrapped and forgotten while this process did nothing with records keys:
+    it holds only the old key, and the first disclosure and deposit fetch the new one."""
+    s = await _deposit_and_grant(world)
+    token = await s.officer.token()
+    keys = tmp_path / "keys"
+    shutil.copytree(world.rt.settings.key_dir, keys)
+    async with _restarted(world.rt.settings, keys) as app:
+        rt: Runtime = app.state.runtime
+        old_kek = rt.keys.records_kek
+        rotate_records_kek(keys)
+        await rewrap_data_keys(rt.sessionmaker, BrokerKeys.load(keys).records_keks)
+        forget_retired_records_keks(keys)
+        assert rt.keys.records_keks == (old_kek,)  # nothing asked for a key yet
+        assert await _disclose(app, token, s) == RECORD
+        assert rt.keys.records_kek != old_kek and rt.keys.retired_records_keks == ()
+        depositor = await world.client(s.shelter.id, "agency", "second case system")
+        deposit_token = await depositor.token()
+        rotate_records_kek(keys)
+        await rewrap_data_keys(rt.sessionmaker, BrokerKeys.load(keys).records_keks)
+        forget_retired_records_keks(keys)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
+            stored = await http.post(
+                "/v1/records",
+                json={"subject_ref": "HH-2024-0042", "category": "shelter", "record": RECORD},
+                headers={"Authorization": f"Bearer {deposit_token}"},
+            )
+        assert stored.status_code == 201, stored.text
+        assert await _disclose(app, token, s) == RECORD
 
 
 async def test_an_unreadable_records_key_file_stops_enrolment(world: World, tmp_path: Path) -> None:

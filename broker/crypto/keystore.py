@@ -31,6 +31,8 @@ The records key rotates too (``broker keys rotate records``): the old key is kep
 whole as ``retired/records-kek.<id>.key`` (``records_kek_id``: a labelled hash,
 not the key) and still unwraps, never wraps, until ``broker keys rewrap-records``
 has moved every data key to the new one and ``--forget-retired`` deletes it.
+Running processes take the folder's records keys when they next need them
+(``with_records_keys_from_disk``), without a restart.
 
 The checkpoint key is rotated through the database (``broker keys rotate
 checkpoint``, ``broker.ledger.checkpoint_key``): the old key cosigns a hand-over to
@@ -43,6 +45,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import os
@@ -309,19 +312,18 @@ class BrokerKeys:
     def wrapping_kek(self) -> bytes:
         """The records key to wrap a new survivor's data key with, checked against the file.
 
-        A process not restarted since ``broker keys rotate records`` still holds the old
-        key, which ``rewrap-records --forget-retired`` may delete once the stored keys
-        are moved: what such a process wrapped would then open with nothing. It refuses
-        (``RecordsKeyRotated``) instead. Enrolment is rare; reading a 45-byte file is not
-        a cost there. Unwrapping needs no such check: a stale process fails to open a
-        rewrapped key, which loses nothing.
+        A process started before ``broker keys rotate records`` still holds the old key,
+        which ``rewrap-records --forget-retired`` may delete once the stored keys are
+        moved: what such a process wrapped would then open with nothing. It raises
+        (``RecordsKeyRotated``) instead, and the runtime takes the folder's keys and asks
+        again (``Runtime.wrapping_kek``). Enrolment is rare; reading a 45-byte file is not
+        a cost there. Unwrapping needs no such check: a data key that opens with none of
+        the keys held makes the runtime read the folder too.
         """
         if self.key_dir is not None:
             on_disk = _load(self.key_dir / RECORDS_KEK_FILE, _decode_secret)
             if not hmac.compare_digest(on_disk, self.records_kek):
-                raise RecordsKeyRotated(
-                    "the records key was rotated after this process started; restart it"
-                )
+                raise RecordsKeyRotated("the records key was rotated after this process loaded it")
         return self.records_kek
 
     def __repr__(self) -> str:
@@ -345,6 +347,21 @@ class BrokerKeys:
         for key in (self.token_signing, self.payload_signing, *retired):
             keys.setdefault(str(key.kid), dict(key.as_dict(private=False)))
         return {"keys": list(keys.values())}
+
+    def with_records_keys_from_disk(self) -> BrokerKeys:
+        """These keys with the records keys now in the folder (after ``broker keys rotate
+        records`` or ``rewrap-records --forget-retired``); ``self`` if nothing changed.
+
+        A running process takes them when a data key opens with none of its keys or its
+        records key file changed, instead of needing a restart.
+        """
+        if self.key_dir is None:
+            return self
+        current = _load(self.key_dir / RECORDS_KEK_FILE, _decode_secret)
+        retired = _load_retired_records_keks(self.key_dir)
+        if (current, retired) == (self.records_kek, self.retired_records_keks):
+            return self
+        return dataclasses.replace(self, records_kek=current, retired_records_keks=retired)
 
     def checkpoint_public_key_pem(self) -> bytes:
         """Ed25519 checkpoint verification key (SubjectPublicKeyInfo PEM) for auditors."""

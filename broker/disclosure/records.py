@@ -50,18 +50,15 @@ async def deposit(
     if row is None or wrapped is None:
         raise NotFound("No survivor is linked to this reference for your agency.")
     try:
-        blob = seal_record(
-            rt.keys.records_keks,
-            wrapped,
-            row.id,
-            caller.agency_id,
-            body.category,
-            clean,
+        subject_id, agency_id = row.id, caller.agency_id
+        blob = rt.with_records_keys(
+            lambda keks: seal_record(keks, wrapped, subject_id, agency_id, body.category, clean)
         )
     except DataKeyUnavailable:
         log.error(
             "deposit refused: no records key of this process opens the survivor's data key "
-            "(restart it after a records key rotation); agency=%s category=%s",
+            "(its key folder lacks it: copy the folder from where the records key was "
+            "rotated); agency=%s category=%s",
             caller.agency_id,
             body.category,
         )

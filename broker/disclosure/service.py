@@ -238,7 +238,8 @@ class _Context:
                 # cannot open it. Ids of agencies only, never the survivor's.
                 log.error(
                     "held record unreadable: no records key of this process opens the "
-                    "survivor's data key (restart it after a records key rotation); "
+                    "survivor's data key (its key folder lacks it: copy the folder from where "
+                    "the records key was rotated); "
                     "holder=%s category=%s",
                     source.id,
                     self.req.category,
@@ -339,13 +340,9 @@ class _Context:
             return result.record, result.dropped_fields
         if source.held is None:
             return None, 0
-        record = open_record(
-            self.rt.keys.records_keks,
-            wrapped_key,
-            self.subject_id,
-            source.id,
-            self.req.category,
-            source.held,
+        subject_id, category, held = self.subject_id, self.req.category, source.held
+        record = self.rt.with_records_keys(
+            lambda keks: open_record(keks, wrapped_key, subject_id, source.id, category, held)
         )
         return record, 0
 

@@ -27,13 +27,14 @@ log = logging.getLogger("broker.subjects")
 
 async def enrol(session: AsyncSession, rt: Runtime, actor: Principal) -> Subject:
     try:
-        kek = rt.keys.wrapping_kek()
+        kek = rt.wrapping_kek()
     except (RecordsKeyRotated, OSError, ValueError):
         # Logged by name only: the messages name key files, never key material.
         log.error("enrolment refused: the records key file changed or cannot be read")
         raise ServiceUnavailable(
-            "The broker's records key changed or cannot be read since this broker process "
-            "started; the operator must restart it. Nothing was stored."
+            "The broker's records key file cannot be read, or changed while it was read; "
+            "nothing was stored. Try again; if it persists, the operator must check the "
+            "key folder."
         ) from None
     subject = Subject(
         enrolled_by_agency_id=actor.agency_id, wrapped_data_key=new_wrapped_data_key(kek)

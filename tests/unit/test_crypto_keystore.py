@@ -433,8 +433,12 @@ def test_the_wrapping_key_is_checked_against_the_file(key_dir: Path) -> None:
     keys = BrokerKeys.generate(key_dir)
     assert keys.wrapping_kek() == keys.records_kek
     rotate_records_kek(key_dir)
-    with pytest.raises(RecordsKeyRotated, match="restart"):
+    with pytest.raises(RecordsKeyRotated, match="rotated after this process loaded it"):
         keys.wrapping_kek()
     assert BrokerKeys.load(key_dir).wrapping_kek() != keys.records_kek
+    fresh = keys.with_records_keys_from_disk()  # what a running process takes instead
+    assert fresh.records_keks == (BrokerKeys.load(key_dir).records_kek, keys.records_kek)
+    assert fresh.wrapping_kek() == fresh.records_kek
+    assert fresh.with_records_keys_from_disk() is fresh  # nothing changed since
     in_memory = BrokerKeys(**{**keys.__dict__, "key_dir": None})
     assert in_memory.wrapping_kek() == keys.records_kek
