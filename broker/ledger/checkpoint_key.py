@@ -41,7 +41,7 @@ from broker.ledger.checkpoint import (
     signer_ids,
     verifier_key,
 )
-from broker.ledger.entries import append_entry
+from broker.ledger.entries import append_operation
 from broker.ledger.key_rotation import sign_key_recovery, sign_key_rotation
 from broker.ledger.merkle import EMPTY_ROOT
 from broker.models import LedgerCheckpoint, LedgerKeyRotation
@@ -152,6 +152,7 @@ async def rotate_checkpoint_key(
                 # The row committed, the file was not moved yet: finish that run.
                 install_staged_checkpoint_key(key_dir)
                 row = await _newest_rotation(session)
+                assert row is not None  # ``current`` came from it
                 return RotationDone(row.tree_size, row.old_verifier_key, current, True)
             discard_staged_checkpoint_key(key_dir)  # that run never committed
         head = await _tree_head(session, origin)
@@ -180,9 +181,7 @@ async def rotate_checkpoint_key(
         )
         # Also in the tree itself, integrated (and so signed) under the new key.
         fields = {"tree_size": head.size, "old_key": old_vkey, "new_key": new_vkey}
-        await append_entry(
-            session, hmac_key=b"", entry_type=kind, actor=None, agency_id=None, fields=fields
-        )
+        await append_operation(session, kind, fields)
     install_staged_checkpoint_key(key_dir)
     return RotationDone(head.size, old_vkey, new_vkey)
 
@@ -216,9 +215,9 @@ async def _tree_head(session: AsyncSession, origin: str) -> Checkpoint:
     return Checkpoint(origin, int(row[0]), bytes(row[1]))
 
 
-async def _newest_rotation(session: AsyncSession) -> LedgerKeyRotation:
+async def _newest_rotation(session: AsyncSession) -> LedgerKeyRotation | None:
     stmt = select(LedgerKeyRotation).order_by(LedgerKeyRotation.id.desc()).limit(1)
-    return (await session.execute(stmt)).scalar_one()
+    return (await session.execute(stmt)).scalar_one_or_none()
 
 
 async def rotations(session: AsyncSession) -> list[LedgerKeyRotation]:
@@ -229,6 +228,5 @@ async def rotations(session: AsyncSession) -> list[LedgerKeyRotation]:
 
 async def rotation_note_at(session: AsyncSession, tree_size: int) -> str | None:
     """The newest rotation's note if it was made at ``tree_size``, else None."""
-    stmt = select(LedgerKeyRotation.tree_size, LedgerKeyRotation.note)
-    row = (await session.execute(stmt.order_by(LedgerKeyRotation.id.desc()).limit(1))).first()
-    return str(row[1]) if row is not None and int(row[0]) == tree_size else None
+    row = await _newest_rotation(session)
+    return row.note if row is not None and row.tree_size == tree_size else None

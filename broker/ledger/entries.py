@@ -147,15 +147,20 @@ async def append_entry(
     return entry_id
 
 
+async def append_operation(session: AsyncSession, entry_type: str, fields: dict[str, Any]) -> str:
+    """Queue an entry for an operator's action from the shell, in the caller's transaction.
+
+    Key operations have no client (``actor`` null) and no survivor, so no commitment
+    key is needed; ``fields`` hold public key names and counts only.
+    """
+    return await append_entry(
+        session, hmac_key=b"", entry_type=entry_type, actor=None, agency_id=None, fields=fields
+    )
+
+
 async def record_operation(
     sessionmaker: async_sessionmaker[AsyncSession], entry_type: str, fields: dict[str, Any]
 ) -> str:
-    """Queue an entry for an operator's action from the shell, in its own transaction.
-
-    Key operations have no client (``actor`` null) and no survivor; ``fields`` hold
-    public key names and counts only.
-    """
+    """``append_operation`` in a transaction of its own (after a run of many)."""
     async with sessionmaker() as session, session.begin():
-        return await append_entry(
-            session, hmac_key=b"", entry_type=entry_type, actor=None, agency_id=None, fields=fields
-        )
+        return await append_operation(session, entry_type, fields)
