@@ -6,14 +6,34 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from broker.settings import Settings
+
+if TYPE_CHECKING:  # imported where used: the command starts without the whole broker
+    from broker.runtime import Runtime
+    from broker.subjects.rewrap import RewrapReport
+
+T = TypeVar("T")
 
 
 def _settings() -> Settings:
     return Settings()
+
+
+async def _on_runtime(
+    work: Callable[[Runtime], Awaitable[T]], settings: Settings | None = None
+) -> T:
+    """``work`` on a runtime built for one shell command, closed whatever happens."""
+    from broker.runtime import build_runtime
+
+    rt = build_runtime(settings or _settings())
+    try:
+        return await work(rt)
+    finally:
+        await rt.aclose()
 
 
 def serve_warnings(settings: Settings, workers: int) -> list[str]:
@@ -132,15 +152,15 @@ async def _rotate_checkpoint_key(lost_key: str | None) -> int:
 
     from broker.ledger.checkpoint_key import CheckpointKeyStale, rotate_checkpoint_key
     from broker.ledger.verify import read_text_arg
-    from broker.runtime import build_runtime
 
     settings = _settings()
     lost = read_text_arg(lost_key) if lost_key is not None else None
-    rt = build_runtime(settings)
     try:
-        origin = settings.ledger_origin
-        done = await rotate_checkpoint_key(
-            rt.sessionmaker, settings.key_dir, origin, lost_vkey=lost
+        done = await _on_runtime(
+            lambda rt: rotate_checkpoint_key(
+                rt.sessionmaker, settings.key_dir, settings.ledger_origin, lost_vkey=lost
+            ),
+            settings,
         )
     except CheckpointKeyStale as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -152,8 +172,6 @@ async def _rotate_checkpoint_key(lost_key: str | None) -> int:
             file=sys.stderr,
         )
         return 1
-    finally:
-        await rt.aclose()
     if done.resumed:
         print("finished a checkpoint key rotation an earlier run had committed")
     print(f"checkpoint key rotated at tree size {done.tree_size}: new verifier key")
@@ -179,21 +197,20 @@ async def _rotate_checkpoint_key(lost_key: str | None) -> int:
 
 async def _rewrap_records(forget: bool) -> int:
     from broker.crypto.keystore import forget_retired_records_keks, records_kek_id
-    from broker.runtime import build_runtime
     from broker.subjects.rewrap import rewrap_data_keys
 
     settings = _settings()
-    rt = build_runtime(settings)
-    try:
+
+    async def rewrap(rt: Runtime) -> tuple[RewrapReport, str]:
         report = await rewrap_data_keys(rt.sessionmaker, rt.keys.records_keks)
-    finally:
-        await rt.aclose()
+        return report, records_kek_id(rt.keys.records_kek)
+
+    report, current = await _on_runtime(rewrap, settings)
     print(
         f"data keys checked {report.checked}: rewrapped {report.rewrapped}, already under "
         f"the current key {report.already_current}, unreadable {report.unreadable}, "
         f"changed meanwhile {report.changed_meanwhile}"
     )
-    current = records_kek_id(rt.keys.records_kek)
     if report.unreadable:
         print(
             f"error: {report.unreadable} data keys open with no records key in "
@@ -230,18 +247,15 @@ def cmd_keys_rewrap_records(args: argparse.Namespace) -> int:
 
 
 async def _rekey_records() -> int:
-    from broker.runtime import build_runtime
     from broker.subjects.rekey import rekey_held_records
 
-    rt = build_runtime(_settings())
-    try:
-        report = await rekey_held_records(
+    report = await _on_runtime(
+        lambda rt: rekey_held_records(
             rt.sessionmaker,
             rt.keys.records_keks,
             progress=lambda r: print(f"... {r.survivors_checked} survivors", file=sys.stderr),
         )
-    finally:
-        await rt.aclose()
+    )
     print(
         f"survivors checked {report.survivors_checked}: given a new data key "
         f"{report.survivors_rekeyed} ({report.records_reencrypted} held records "
@@ -329,13 +343,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 async def _ledger_status() -> int:
     from broker.ledger.status import ledger_status
-    from broker.runtime import build_runtime
 
-    rt = build_runtime(_settings())
-    try:
-        status = await ledger_status(rt)
-    finally:
-        await rt.aclose()
+    status = await _on_runtime(ledger_status)
     print("\n".join(status.lines()))
     if not status.this_folder_signs:
         print(
