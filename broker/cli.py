@@ -120,6 +120,7 @@ def cmd_keys_init(_: argparse.Namespace) -> int:
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
     from broker.crypto.keystore import RETIRED_DIR, rotate_records_kek, rotate_signing_key
+    from broker.workers import KEY_FOLDER_INTERVAL_SECONDS
 
     settings = _settings()
     if args.which == "checkpoint":
@@ -140,8 +141,15 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     retired, new = rotate_signing_key(settings.key_dir, args.which)
     print(f"{args.which} signing key rotated: new kid {new}")
     print(
-        f"the retired key {retired} stays published from {settings.key_dir / RETIRED_DIR}; "
-        "restart every broker process to sign with the new key",
+        f"the retired key {retired} stays published from {settings.key_dir / RETIRED_DIR}. "
+        f"Processes using this folder sign with the new key within "
+        f"{KEY_FOLDER_INTERVAL_SECONDS:g} s (no restart); copy the folder to every other "
+        "host now"
+        + (
+            ": until a host has it, tokens issued here are refused there"
+            if args.which == "token"
+            else ""
+        ),
         file=sys.stderr,
     )
     return 0
@@ -198,6 +206,7 @@ async def _rotate_checkpoint_key(lost_key: str | None) -> int:
 async def _rewrap_records(forget: bool) -> int:
     from broker.crypto.keystore import forget_retired_records_keks, records_kek_id
     from broker.subjects.rewrap import rewrap_data_keys
+    from broker.workers import KEY_FOLDER_INTERVAL_SECONDS
 
     settings = _settings()
 
@@ -235,8 +244,10 @@ async def _rewrap_records(forget: bool) -> int:
     gone = forget_retired_records_keks(settings.key_dir)
     print(f"retired records keys deleted: {', '.join(gone) or 'none were left'}")
     print(
-        "restart every broker process so none keeps them in memory; delete old backups of "
-        "the key folder too, or they still open the backups of the database they go with",
+        f"processes using this folder drop them from memory within "
+        f"{KEY_FOLDER_INTERVAL_SECONDS:g} s; do the same on every other host. Delete old "
+        "backups of the key folder too, or they still open the backups of the database "
+        "they go with",
         file=sys.stderr,
     )
     return 0

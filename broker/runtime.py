@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
@@ -23,6 +24,8 @@ from broker.sources.connections import AgencyClient
 
 log = logging.getLogger("broker")
 T = TypeVar("T")
+#: A token naming an unknown key makes a process read its key folder at most this often.
+UNKNOWN_KID_RELOAD_SECONDS = 1.0
 
 
 @dataclass
@@ -48,6 +51,8 @@ class Runtime:
     #: Set when a commit queued revocation notices: this process's delivery loop goes
     #: at once instead of finishing its idle pause (up to 4 s).
     notices_due: asyncio.Event = field(default_factory=asyncio.Event)
+    #: When a token naming an unknown key last made this process read its key folder.
+    unknown_kid_reload_at: float = float("-inf")
 
     def reload_records_keys(self) -> bool:
         """Take the records keys now in the key folder; True if they changed.
@@ -63,6 +68,46 @@ class Runtime:
         self.keys = fresh
         log.info("records keys reloaded from the key folder")
         return True
+
+    def reload_signing_keys(self) -> bool:
+        """Take the token and payload signing keys now in the key folder; True if they
+        changed. After ``broker keys rotate token|payload`` this process signs with the
+        new key and still accepts what the retired one signed, without a restart."""
+        fresh = self.keys.with_signing_keys_from_disk()
+        if fresh is self.keys:
+            return False
+        self.keys = fresh
+        self.token_verifier.use_keys(fresh.token_signing, fresh.retired_token)
+        log.info(
+            "signing keys reloaded from the key folder: token kid %s, payload kid %s",
+            fresh.token_signing.kid,
+            fresh.payload_signing.kid,
+        )
+        return True
+
+    def reload_keys(self) -> bool:
+        """Every key this process takes from the folder while running (the checkpoint key
+        has its own hand-over, ``broker.ledger.checkpoint_key``); True if any changed.
+
+        A folder caught mid-copy or holding a bad file changes nothing: the keys held
+        stay in use, with a warning, until the folder reads whole.
+        """
+        try:
+            signing = self.reload_signing_keys()
+            records = self.reload_records_keys()
+        except (OSError, ValueError) as exc:  # KeyFileInsecure is an OSError
+            log.warning("key folder not taken, keeping the keys held: %s", exc)
+            return False
+        return signing or records
+
+    def reload_for_unknown_kid(self) -> bool:
+        """``reload_keys`` for a token naming a key this process does not hold, at most
+        once a second: tokens with made-up kids cannot make it read the folder more."""
+        now = time.monotonic()
+        if now - self.unknown_kid_reload_at < UNKNOWN_KID_RELOAD_SECONDS:
+            return False
+        self.unknown_kid_reload_at = now
+        return self.reload_keys()
 
     def with_records_keys(self, use: Callable[[tuple[bytes, ...]], T]) -> T:
         """``use(records keys)``, once more with the folder's keys if no key held opened
@@ -116,7 +161,7 @@ def build_runtime(settings: Settings) -> Runtime:
         read_timeout=settings.records_read_timeout,
         connect_timeout=settings.records_connect_timeout,
     )
-    return Runtime(
+    rt = Runtime(
         settings=settings,
         keys=keys,
         catalog=catalog,
@@ -131,6 +176,8 @@ def build_runtime(settings: Settings) -> Runtime:
         http=http,
         limiter=RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst),
     )
+    rt.token_verifier.on_unknown_kid = rt.reload_for_unknown_kid
+    return rt
 
 
 async def get_runtime(request: Request) -> Runtime:

@@ -64,6 +64,16 @@ async def purge_used_assertions(rt: Runtime) -> None:
         await session.execute(delete(UsedAssertion).where(UsedAssertion.expires_at < cutoff))
 
 
+#: How often each process reads its key folder for rotated keys (``Runtime.reload_keys``).
+KEY_FOLDER_INTERVAL_SECONDS = 5.0
+
+
+async def reload_keys(rt: Runtime) -> None:
+    """Take rotated keys from the folder: after ``broker keys rotate token|payload|records``
+    or ``rewrap-records --forget-retired``, every process follows within the interval."""
+    rt.reload_keys()
+
+
 def start_workers(rt: Runtime) -> list[asyncio.Task[None]]:
     from broker.disclosure.notices import deliver_due
     from broker.ledger.sequencer import integrate_until_empty
@@ -72,6 +82,7 @@ def start_workers(rt: Runtime) -> list[asyncio.Task[None]]:
     loops: list[Loop] = [
         ("webhooks", 1.0, lambda: deliver_due(rt), rt.notices_due),
         ("assertion-purge", 60.0, lambda: purge_used_assertions(rt), None),
+        ("key-folder", KEY_FOLDER_INTERVAL_SECONDS, lambda: reload_keys(rt), None),
         (
             "sequencer",
             rt.settings.sequencer_interval_seconds,

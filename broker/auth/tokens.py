@@ -8,14 +8,16 @@ every request so a suspension acts at once.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, GuestProtocol
@@ -64,6 +66,10 @@ class AccessTokenVerifier:
     (``broker keys rotate``) while it is still trusted, so tokens issued before a
     rotation keep working until they expire. A token naming no such key is refused,
     and one verified by a retired key is cached no longer than that key is trusted.
+
+    ``on_unknown_kid`` lets the runtime look for a key this process has not loaded
+    yet (another process rotated the folder's key and signed with the new one); it
+    returns True when the keys changed (``use_keys``), and the token is tried again.
     """
 
     def __init__(
@@ -73,11 +79,19 @@ class AccessTokenVerifier:
         retired: Sequence[RetiredKey] = (),
         max_entries: int = 50_000,
     ) -> None:
-        self._key = key
-        self._retired = {str(r.key.kid): r for r in retired if r.key.kid != key.kid}
         self._issuer = issuer
         self._cache: OrderedDict[bytes, Principal] = OrderedDict()
         self._max = max_entries
+        self.on_unknown_kid: Callable[[], bool] | None = None
+        self.use_keys(key, retired)
+
+    def use_keys(self, key: ECKey, retired: Sequence[RetiredKey] = ()) -> None:
+        """Verify with these keys from now on, forgetting every token verified before:
+        a key no longer trusted (its retired file deleted after a compromise) must not
+        go on vouching for tokens from the cache."""
+        self._key = key
+        self._retired = {str(r.key.kid): r for r in retired if r.key.kid != key.kid}
+        self._cache.clear()
 
     def verify(self, token: str) -> Principal:
         digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
@@ -87,7 +101,12 @@ class AccessTokenVerifier:
             if cached.expires_at > now:
                 return cached
             self._cache.pop(digest, None)
-        principal = self._verify_uncached(token, now)
+        try:
+            principal = self._verify_uncached(token, now)
+        except Unauthenticated:
+            if not self._found_new_key_for(token):
+                raise
+            principal = self._verify_uncached(token, now)
         self._cache[digest] = principal
         if len(self._cache) > self._max:
             self._cache.popitem(last=False)
@@ -108,6 +127,14 @@ class AccessTokenVerifier:
             principal = dataclasses.replace(principal, expires_at=min(principal.expires_at, until))
         return principal
 
+    def _found_new_key_for(self, token: str) -> bool:
+        """Whether the token names a key this verifier does not know and a look at the
+        key folder (``on_unknown_kid``) changed the keys."""
+        kid = _header_kid(token)
+        if kid is None or kid == self._key.kid or kid in self._retired:
+            return False
+        return self.on_unknown_kid is not None and self.on_unknown_kid()
+
     def _key_named(self, obj: GuestProtocol) -> ECKey:
         """The key the header's kid names; KeyError when none is (or no longer) trusted."""
         kid = obj.headers()["kid"]
@@ -117,6 +144,17 @@ class AccessTokenVerifier:
         if not retired.trusted(time.time()):
             raise KeyError(kid)
         return retired.key
+
+
+def _header_kid(token: str) -> str | None:
+    """The ``kid`` a compact JWS header claims, unverified; None if there is none."""
+    try:
+        segment = token.split(".", 1)[0]
+        header = orjson.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except (ValueError, TypeError):
+        return None
+    kid = header.get("kid") if isinstance(header, dict) else None
+    return kid if isinstance(kid, str) else None
 
 
 def _principal_from_claims(claims: dict[str, Any], issuer: str, now: datetime) -> Principal:

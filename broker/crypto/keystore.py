@@ -23,9 +23,11 @@ private key replaces the file, and the old key's *public* half is kept, with the
 time it was retired, as ``retired/<token|payload>-signing.<kid>.jwk.json``. A
 retired payload key stays published, so payloads an agency kept still verify. A
 retired token key is trusted and published only as long as tokens it signed can
-live (``RETIRED_TOKEN_TRUST_SECONDS`` from its retirement or from this process's
-start, whichever is later): after that, whoever holds the old private key can mint
-neither access tokens nor records-endpoint requests.
+live (``RETIRED_TOKEN_TRUST_SECONDS`` from its retirement or from when this process
+first saw it retired, whichever is later): after that, whoever holds the old private
+key can mint neither access tokens nor records-endpoint requests. Running processes
+take rotated signing keys from the folder (``with_signing_keys_from_disk``) without a
+restart.
 
 The records key rotates too (``broker keys rotate records``): the old key is kept
 whole as ``retired/records-kek.<id>.key`` (``records_kek_id``: a labelled hash,
@@ -53,7 +55,7 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -363,6 +365,38 @@ class BrokerKeys:
             return self
         return dataclasses.replace(self, records_kek=current, retired_records_keks=retired)
 
+    def with_signing_keys_from_disk(self) -> BrokerKeys:
+        """These keys with the token and payload signing keys now in the folder, current
+        and retired; ``self`` if nothing changed.
+
+        A running process takes them after ``broker keys rotate token|payload`` (or once
+        a compromised retired key's file is deleted) instead of needing a restart. A
+        retired token key this process already knew keeps its trust deadline; one it
+        sees retired for the first time is trusted from now, because this process (and
+        others on the host not yet refreshed) signed with it until now.
+        """
+        if self.key_dir is None:
+            return self
+        token = _load(self.key_dir / TOKEN_SIGNING_FILE, _parse_ec_jwk)
+        payload = _load(self.key_dir / PAYLOAD_SIGNING_FILE, _parse_ec_jwk)
+        known = {str(r.key.kid): r for r in self.retired_token}
+        retired_token = _load_retired(self.key_dir, "token", RETIRED_TOKEN_TRUST_SECONDS, known)
+        retired_payload = _load_retired(self.key_dir, "payload", None)
+        if (
+            token.kid == self.token_signing.kid
+            and payload.kid == self.payload_signing.kid
+            and retired_token == self.retired_token
+            and _kids(retired_payload) == _kids(self.retired_payload)
+        ):
+            return self
+        return dataclasses.replace(
+            self,
+            token_signing=token,
+            payload_signing=payload,
+            retired_token=retired_token,
+            retired_payload=retired_payload,
+        )
+
     def checkpoint_public_key_pem(self) -> bytes:
         """Ed25519 checkpoint verification key (SubjectPublicKeyInfo PEM) for auditors."""
         return self.checkpoint_signing.public_key().public_bytes(
@@ -462,26 +496,40 @@ def _retired_name(which: str, kid: str) -> str:
     return f"{which}-signing.{kid}.jwk.json"
 
 
-def _load_retired(key_dir: Path, which: str, trust_seconds: int | None) -> tuple[RetiredKey, ...]:
+def _load_retired(
+    key_dir: Path,
+    which: str,
+    trust_seconds: int | None,
+    known: Mapping[str, RetiredKey] | None = None,
+) -> tuple[RetiredKey, ...]:
     """Retired public keys of ``which``, newest first; a file whose kid is not its name's
     is refused, so a key cannot be slipped in under another key's file name.
 
     With ``trust_seconds``, each is trusted that long after its retirement or after
-    now (the process starting with it), whichever is later: processes that had not
-    restarted yet kept signing with it until then.
+    now (this process first seeing it retired), whichever is later: processes that had
+    not taken the new key yet kept signing with it until then. A key in ``known`` (kid
+    to what this process loaded before) keeps the deadline it was given then.
     """
     folder = key_dir / RETIRED_DIR
     if not folder.is_dir():
         return ()
-    started = time.time()
+    seen = time.time()
     found: list[RetiredKey] = []
     for path in folder.glob(f"{which}-signing.*.jwk.json"):
         key, retired_at = _load(path, _parse_retired)
         if path.name != _retired_name(which, str(key.kid)):
             raise ValueError(f"key file {path} does not hold the key its name gives")
-        until = None if trust_seconds is None else max(retired_at, started) + trust_seconds
+        before = (known or {}).get(str(key.kid))
+        if before is not None and before.retired_at == retired_at:
+            found.append(before)
+            continue
+        until = None if trust_seconds is None else max(retired_at, seen) + trust_seconds
         found.append(RetiredKey(key, retired_at, until))
-    return tuple(sorted(found, key=lambda r: -r.retired_at))
+    return tuple(sorted(found, key=lambda r: (-r.retired_at, str(r.key.kid))))
+
+
+def _kids(retired: tuple[RetiredKey, ...]) -> list[str]:
+    return [str(r.key.kid) for r in retired]
 
 
 def rotate_signing_key(key_dir: Path, which: str) -> tuple[str, str]:
@@ -490,7 +538,8 @@ def rotate_signing_key(key_dir: Path, which: str) -> tuple[str, str]:
     The old key's public half is written to ``retired/`` before the new private key
     replaces the file, so no crash can leave something signed by a key that is not
     published. The old private key is gone afterwards: back the folder up first if
-    you must keep it. Running processes keep signing with the old key until restarted.
+    you must keep it. Running processes sign with the new key once they next read the
+    folder (``Runtime.reload_keys``).
     """
     if which not in SIGNING_KEY_FILES:
         raise ValueError(f"only {' and '.join(SIGNING_KEY_FILES)} signing keys are rotated")
@@ -537,9 +586,10 @@ def rotate_records_kek(key_dir: Path) -> tuple[str, str]:
     """Replace the records key (KEK); returns (retired id, new id).
 
     The old key is copied into ``retired/`` before the new one replaces the file, so
-    no crash can leave a data key wrapped by a key the broker no longer has. Every
-    process must restart to wrap with the new key; ``broker keys rewrap-records`` then
-    rewraps the stored data keys, and ``--forget-retired`` deletes the old key.
+    no crash can leave a data key wrapped by a key the broker no longer has. Running
+    processes wrap with the new key once they next read the folder;
+    ``broker keys rewrap-records`` then rewraps the stored data keys, and
+    ``--forget-retired`` deletes the old key.
     """
     key_dir = Path(key_dir)
     path = key_dir / RECORDS_KEK_FILE

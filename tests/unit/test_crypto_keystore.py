@@ -312,6 +312,41 @@ def test_rotate_keeps_only_the_public_half_of_the_old_key(key_dir: Path, which: 
     )
 
 
+def test_signing_keys_from_disk_change_only_with_the_folder(key_dir: Path) -> None:
+    held = BrokerKeys.generate(key_dir)
+    assert held.with_signing_keys_from_disk() is held
+    retired_kid, new_kid = rotate_signing_key(key_dir, "token")
+    taken = held.with_signing_keys_from_disk()
+    assert taken.token_signing.kid == new_kid and taken.token_signing.is_private
+    assert taken.payload_signing.kid == held.payload_signing.kid
+    assert [r.key.kid for r in taken.retired_token] == [retired_kid]
+    assert (taken.subject_hmac, taken.records_kek) == (held.subject_hmac, held.records_kek)
+    assert taken.with_signing_keys_from_disk() is taken
+
+
+def test_a_retired_token_key_is_trusted_from_when_a_process_first_sees_it(
+    key_dir: Path,
+) -> None:
+    """Its retirement time may be long past when a host gets the copied folder: this
+    host's processes signed with the key until they read the folder, so their tokens
+    must live out their time. A key already known keeps its deadline on every read."""
+    held = BrokerKeys.generate(key_dir)
+    retired_kid, _ = rotate_signing_key(key_dir, "token")
+    path = key_dir / "retired" / f"token-signing.{retired_kid}.jwk.json"
+    long_ago = int(time.time()) - 86_400
+    path.write_bytes(orjson.dumps({**orjson.loads(path.read_bytes()), "retired_at": long_ago}))
+    seen = time.time()
+    taken = held.with_signing_keys_from_disk()
+    (retired,) = taken.retired_token
+    assert retired.retired_at == long_ago
+    assert retired.trusted_until is not None
+    assert seen + RETIRED_TOKEN_TRUST_SECONDS <= retired.trusted_until
+    assert retired.trusted_until <= time.time() + RETIRED_TOKEN_TRUST_SECONDS
+    rotate_signing_key(key_dir, "payload")  # the folder changes again
+    again = taken.with_signing_keys_from_disk()
+    assert again is not taken and again.retired_token[0] is retired
+
+
 def test_what_the_retired_payload_key_signed_still_verifies(key_dir: Path) -> None:
     before = BrokerKeys.generate(key_dir)
     notice = sign_claims({"event": "consent.revoked"}, before.payload_signing, typ="notice+jwt")

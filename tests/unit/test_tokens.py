@@ -79,3 +79,47 @@ def test_the_trust_window_covers_the_longest_token_and_clock_skew() -> None:
     skew = max(m.le for m in fields["clock_skew_seconds"].metadata if hasattr(m, "le"))
     assert longest == MAX_TOKEN_LIFETIME
     assert longest + skew <= RETIRED_TOKEN_TRUST_SECONDS
+
+
+def test_a_token_naming_an_unknown_key_asks_for_the_folder_once() -> None:
+    """Only a kid this verifier does not know asks (``on_unknown_kid``); when the keys
+    changed the token is checked again, and a bad signature is refused either way."""
+    current, rotated = _key(), _key()
+    verifier = AccessTokenVerifier(current, ISSUER)
+    asked: list[str] = []
+
+    def look() -> bool:
+        asked.append("asked")
+        verifier.use_keys(rotated, [RetiredKey(current, 1, time.time() + 60)])
+        return True
+
+    verifier.on_unknown_kid = look
+    assert verifier.verify(_token(current)).client_id == "c1"
+    forged = jwt.encode({"alg": "ES256", "typ": "at+jwt", "kid": current.kid}, {}, _key())
+    with pytest.raises(Unauthenticated):
+        verifier.verify(forged)  # a known kid, a bad signature: nothing to look for
+    assert asked == []
+    assert verifier.verify(_token(rotated)).client_id == "c1"
+    assert asked == ["asked"]
+    assert verifier.verify(_token(current)).client_id == "c1"  # now a retired key's
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["", ".", "x.y.z", "e30.e30.", "W10.e30.x", "eyJraWQiOjF9.e30.x", "\udcff.a.b", "é.a.b"],
+    ids=[
+        "empty",
+        "dot",
+        "not-base64-json",
+        "no-kid",
+        "array",
+        "kid-number",
+        "surrogate",
+        "non-ascii",
+    ],
+)
+def test_a_header_without_a_readable_kid_asks_for_nothing(token: str) -> None:
+    verifier = AccessTokenVerifier(_key(), ISSUER)
+    verifier.on_unknown_kid = lambda: pytest.fail("asked")  # type: ignore[assignment,return-value]
+    with pytest.raises(Unauthenticated):
+        verifier.verify(token)
