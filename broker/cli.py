@@ -127,6 +127,8 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
         return asyncio.run(_rotate_checkpoint_key(args.lost_key))
     if args.lost_key is not None:
         raise ValueError("--lost-key is for the checkpoint key only")
+    if args.which == "subject":
+        return asyncio.run(_rotate_subject_key(settings))
     if args.which == "records":
         old_id, new_id = rotate_records_kek(settings.key_dir)
         print(f"records key rotated: new key {new_id}")
@@ -150,6 +152,50 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
             if args.which == "token"
             else ""
         ),
+        file=sys.stderr,
+    )
+    return 0
+
+
+async def _rotate_subject_key(settings: Settings) -> int:
+    """Rotate the subject-commitment key and say so in the ledger: auditors who group
+    entries by commitment see where a survivor's commitment changes.
+
+    The database is checked first, so an unreachable or unmigrated one stops the
+    command before the key changes.
+    """
+    from broker.crypto.keystore import rotate_subject_hmac
+    from broker.ledger.entries import record_operation
+    from broker.schema_version import SchemaBehind, check_schema
+    from broker.workers import KEY_FOLDER_INTERVAL_SECONDS
+
+    async def rotate(rt: Runtime) -> tuple[str, str] | None:
+        try:
+            await check_schema(rt.engine)
+        except SchemaBehind:
+            raise  # one line, exit 2
+        except Exception as exc:
+            print(
+                f"error: the database could not be reached ({type(exc).__name__}). "
+                "Nothing was rotated",
+                file=sys.stderr,
+            )
+            return None
+        old_id, new_id = rotate_subject_hmac(settings.key_dir)
+        fields = {"retired_subject_key": old_id, "subject_key": new_id}
+        await record_operation(rt.sessionmaker, "keys.subject_key_rotated", fields)
+        return old_id, new_id
+
+    rotated = await _on_runtime(rotate, settings)
+    if rotated is None:
+        return 1
+    old_id, new_id = rotated
+    print(f"subject-commitment key rotated: new key {new_id}")
+    print(
+        f"the retired key {old_id} stays in {settings.key_dir / 'retired'} for good: the "
+        "broker finds a survivor's earlier ledger entries with it. Entries from now on "
+        "commit under the new key (processes using this folder take it within "
+        f"{KEY_FOLDER_INTERVAL_SECONDS:g} s); copy the folder to every other host",
         file=sys.stderr,
     )
     return 0
@@ -400,10 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
         "rotate",
         help="replace the broker's token or payload signing key (the old one's public "
         "half stays published so what it signed still verifies) or its records key "
-        "(the old one still unwraps until `keys rewrap-records --forget-retired`) or its "
+        "(the old one still unwraps until `keys rewrap-records --forget-retired`), its "
+        "subject-commitment key (the old one is kept to find earlier ledger entries) or its "
         "ledger checkpoint key (the old one cosigns a hand-over auditors follow)",
     )
-    kr.add_argument("which", choices=["token", "payload", "records", "checkpoint"])
+    kr.add_argument("which", choices=["token", "payload", "records", "subject", "checkpoint"])
     kr.add_argument(
         "--lost-key",
         metavar="VKEY",

@@ -54,19 +54,20 @@ class Runtime:
     #: When a token naming an unknown key last made this process read its key folder.
     unknown_kid_reload_at: float = float("-inf")
 
-    def reload_records_keys(self) -> bool:
-        """Take the records keys now in the key folder; True if they changed.
+    def reload_secret_keys(self) -> bool:
+        """Take the records and subject-commitment keys now in the key folder; True if
+        they changed.
 
-        Called when a survivor's data key opens with none of the keys held, or the
-        records key file no longer holds the key loaded: a records-key rotation then
-        needs no restart. Keys are read, never written; a folder without the new key
-        (another host's, not yet updated) changes nothing, and the caller answers 503.
+        Called every few seconds, and when a survivor's data key opens with none of the
+        keys held or the records key file no longer holds the key loaded: a rotation
+        then needs no restart. Keys are read, never written; a folder without the new
+        key (another host's, not yet updated) changes nothing, and the caller answers 503.
         """
-        fresh = self.keys.with_records_keys_from_disk()
+        fresh = self.keys.with_secret_keys_from_disk()
         if fresh is self.keys:
             return False
         self.keys = fresh
-        log.info("records keys reloaded from the key folder")
+        log.info("records and subject-commitment keys reloaded from the key folder")
         return True
 
     def reload_signing_keys(self) -> bool:
@@ -94,11 +95,11 @@ class Runtime:
         """
         try:
             signing = self.reload_signing_keys()
-            records = self.reload_records_keys()
+            secret = self.reload_secret_keys()
         except (OSError, ValueError) as exc:  # KeyFileInsecure is an OSError
             log.warning("key folder not taken, keeping the keys held: %s", exc)
             return False
-        return signing or records
+        return signing or secret
 
     def reload_for_unknown_kid(self) -> bool:
         """``reload_keys`` for a token naming a key this process does not hold, at most
@@ -115,7 +116,7 @@ class Runtime:
         try:
             return use(self.keys.records_keks)
         except DataKeyUnavailable:
-            if not self.reload_records_keys():
+            if not self.reload_secret_keys():
                 raise
             return use(self.keys.records_keks)
 
@@ -124,7 +125,7 @@ class Runtime:
         try:
             return self.keys.wrapping_kek()
         except RecordsKeyRotated:
-            self.reload_records_keys()
+            self.reload_secret_keys()
             return self.keys.wrapping_kek()
 
     async def aclose(self) -> None:

@@ -148,6 +148,14 @@ async def world(app: object, http: httpx.AsyncClient, tmp_path: Path) -> World:
     return w
 
 
+@pytest.fixture
+def key_copy(world: World, tmp_path: Path) -> Path:
+    """A copy of the session's key folder, for broker processes whose keys a test rotates."""
+    folder = tmp_path / "keys"
+    shutil.copytree(world.rt.settings.key_dir, folder)
+    return folder
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.when == "call" and report.passed and "[postgresql" in report.nodeid:
         _pg_state["passed"] = int(_pg_state["passed"]) + 1  # type: ignore[call-overload]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -200,3 +202,29 @@ async def queued_entries(rt: Runtime, entry_type: str) -> list[dict[str, Any]]:
             .order_by(LedgerPending.seq)
         )
         return [orjson.loads(body) for body in bodies]
+
+
+@contextlib.asynccontextmanager
+async def broker_process(
+    world: World, key_dir: Path, **settings: Any
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """Another broker process on the world's database, with ``key_dir`` as its key folder."""
+    from broker.app import create_app
+
+    app = create_app(world.rt.settings.model_copy(update={"key_dir": key_dir, **settings}))
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http,
+    ):
+        yield app, http
+
+
+def runtime_of(app: FastAPI) -> Runtime:
+    rt: Runtime = app.state.runtime
+    return rt
+
+
+def same_client(client: BrokerClient, http: httpx.AsyncClient) -> BrokerClient:
+    """The same credential, talking to another process."""
+    return BrokerClient(BASE_URL, client.client_id, client.private_jwk, http=http)

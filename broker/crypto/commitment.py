@@ -1,10 +1,12 @@
 """Keyed commitments, so the ledger can name subjects without storing identifiers.
 
 An HMAC under the broker's secret ``subject_hmac`` key is stable (the same subject
-always maps to the same commitment, so ledger entries can be correlated by those
-who hold the key) yet reveals nothing to a reader of the ledger, who cannot even
-confirm a guessed identifier. Each use has its own domain label so commitments of
-different kinds never coincide.
+maps to the same commitment, so ledger entries can be correlated by those who hold
+the key) yet reveals nothing to a reader of the ledger, who cannot even confirm a
+guessed identifier. Stable until ``broker keys rotate subject``: entries from then
+on commit under the new key, and the broker looks a survivor up under every key it
+has held. Each use has its own domain label so commitments of different kinds never
+coincide.
 """
 
 from __future__ import annotations

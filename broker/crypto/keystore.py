@@ -34,12 +34,14 @@ whole as ``retired/records-kek.<id>.key`` (``records_kek_id``: a labelled hash,
 not the key) and still unwraps, never wraps, until ``broker keys rewrap-records``
 has moved every data key to the new one and ``--forget-retired`` deletes it.
 Running processes take the folder's records keys when they next need them
-(``with_records_keys_from_disk``), without a restart.
+(``with_secret_keys_from_disk``), without a restart.
 
 The checkpoint key is rotated through the database (``broker keys rotate
 checkpoint``, ``broker.ledger.checkpoint_key``): the old key cosigns a hand-over to
-the new one that auditors follow, and is then gone. The subject-commitment key is
-not rotated: every commitment in the ledger depends on it.
+the new one that auditors follow, and is then gone. The subject-commitment key
+rotates like the records key (``broker keys rotate subject``): new entries commit
+under the new key, and the retired one stays in ``retired/subject-hmac.<id>.key``
+for good, because the broker finds a survivor's older entries with it.
 """
 
 from __future__ import annotations
@@ -83,8 +85,10 @@ __all__ = [
     "records_kek_id",
     "rotate_records_kek",
     "rotate_signing_key",
+    "rotate_subject_hmac",
     "stage_checkpoint_key",
     "staged_checkpoint_key",
+    "subject_hmac_id",
 ]
 
 TOKEN_SIGNING_FILE = "token-signing.jwk.json"  # noqa: S105 - a file name
@@ -303,6 +307,8 @@ class BrokerKeys:
     retired_payload: tuple[RetiredKey, ...] = ()
     #: Records keys rotated out and not yet forgotten: they only unwrap, never wrap.
     retired_records_keks: tuple[bytes, ...] = ()
+    #: Subject-commitment keys rotated out: entries written under them are found with them.
+    retired_subject_hmacs: tuple[bytes, ...] = ()
     #: Where the keys were loaded from (None for keys made in memory).
     key_dir: Path | None = None
 
@@ -310,6 +316,11 @@ class BrokerKeys:
     def records_keks(self) -> tuple[bytes, ...]:
         """Every records key that may unwrap a data key: the current one first."""
         return (self.records_kek, *self.retired_records_keks)
+
+    @property
+    def subject_hmacs(self) -> tuple[bytes, ...]:
+        """Every key a ledger commitment to a survivor may be under: the current one first."""
+        return (self.subject_hmac, *self.retired_subject_hmacs)
 
     def wrapping_kek(self) -> bytes:
         """The records key to wrap a new survivor's data key with, checked against the file.
@@ -350,20 +361,25 @@ class BrokerKeys:
             keys.setdefault(str(key.kid), dict(key.as_dict(private=False)))
         return {"keys": list(keys.values())}
 
-    def with_records_keys_from_disk(self) -> BrokerKeys:
-        """These keys with the records keys now in the folder (after ``broker keys rotate
-        records`` or ``rewrap-records --forget-retired``); ``self`` if nothing changed.
+    def with_secret_keys_from_disk(self) -> BrokerKeys:
+        """These keys with the records and subject-commitment keys now in the folder,
+        current and retired (after ``broker keys rotate records|subject`` or
+        ``rewrap-records --forget-retired``); ``self`` if nothing changed.
 
-        A running process takes them when a data key opens with none of its keys or its
-        records key file changed, instead of needing a restart.
+        A running process takes them every few seconds, and at once when a data key
+        opens with none of its keys or its records key file changed, instead of
+        needing a restart.
         """
         if self.key_dir is None:
             return self
-        current = _load(self.key_dir / RECORDS_KEK_FILE, _decode_secret)
-        retired = _load_retired_records_keks(self.key_dir)
-        if (current, retired) == (self.records_kek, self.retired_records_keks):
-            return self
-        return dataclasses.replace(self, records_kek=current, retired_records_keks=retired)
+        fresh = dataclasses.replace(
+            self,
+            records_kek=_load(self.key_dir / RECORDS_KEK_FILE, _decode_secret),
+            retired_records_keks=_load_retired_secrets(self.key_dir, "records-kek"),
+            subject_hmac=_load(self.key_dir / SUBJECT_HMAC_FILE, _decode_secret),
+            retired_subject_hmacs=_load_retired_secrets(self.key_dir, "subject-hmac"),
+        )
+        return self if fresh == self else fresh
 
     def with_signing_keys_from_disk(self) -> BrokerKeys:
         """These keys with the token and payload signing keys now in the folder, current
@@ -418,7 +434,8 @@ class BrokerKeys:
             records_kek=_load(key_dir / RECORDS_KEK_FILE, _decode_secret),
             retired_token=_load_retired(key_dir, "token", RETIRED_TOKEN_TRUST_SECONDS),
             retired_payload=_load_retired(key_dir, "payload", None),
-            retired_records_keks=_load_retired_records_keks(key_dir),
+            retired_records_keks=_load_retired_secrets(key_dir, "records-kek"),
+            retired_subject_hmacs=_load_retired_secrets(key_dir, "subject-hmac"),
             key_dir=key_dir,
         )
 
@@ -564,46 +581,76 @@ def records_kek_id(kek: bytes) -> str:
     return hashlib.sha256(b"consent-broker/records-kek-id\x00" + kek).hexdigest()[:16]
 
 
-def _retired_records_name(kek_id: str) -> str:
-    return f"records-kek.{kek_id}.key"
+def subject_hmac_id(key: bytes) -> str:
+    """A subject-commitment key's public name, like ``records_kek_id``."""
+    return hashlib.sha256(b"consent-broker/subject-hmac-id\x00" + key).hexdigest()[:16]
 
 
-def _load_retired_records_keks(key_dir: Path) -> tuple[bytes, ...]:
-    """Retired records keys, by file name; a file whose key is not its name's is refused."""
+#: Secret keys rotated by keeping the old ones whole in ``retired/``: file, public name.
+_RETIRED_SECRETS: dict[str, tuple[str, Callable[[bytes], str]]] = {
+    "records-kek": (RECORDS_KEK_FILE, records_kek_id),
+    "subject-hmac": (SUBJECT_HMAC_FILE, subject_hmac_id),
+}
+
+
+def _retired_secret_name(kind: str, key_id: str) -> str:
+    return f"{kind}.{key_id}.key"
+
+
+def _load_retired_secrets(key_dir: Path, kind: str) -> tuple[bytes, ...]:
+    """Retired keys of ``kind``, by file name; a file whose key is not its name's is refused."""
     folder = key_dir / RETIRED_DIR
     if not folder.is_dir():
         return ()
+    name_of = _RETIRED_SECRETS[kind][1]
     found = []
-    for path in sorted(folder.glob("records-kek.*.key")):
-        kek = _load(path, _decode_secret)
-        if path.name != _retired_records_name(records_kek_id(kek)):
+    for path in sorted(folder.glob(f"{kind}.*.key")):
+        key = _load(path, _decode_secret)
+        if path.name != _retired_secret_name(kind, name_of(key)):
             raise ValueError(f"key file {path} does not hold the key its name gives")
-        found.append(kek)
+        found.append(key)
     return tuple(found)
 
 
-def rotate_records_kek(key_dir: Path) -> tuple[str, str]:
-    """Replace the records key (KEK); returns (retired id, new id).
+def _rotate_secret(key_dir: Path, kind: str) -> tuple[str, str]:
+    """Replace a secret key, keeping the old one whole in ``retired/``; (old id, new id).
 
     The old key is copied into ``retired/`` before the new one replaces the file, so
-    no crash can leave a data key wrapped by a key the broker no longer has. Running
-    processes wrap with the new key once they next read the folder;
-    ``broker keys rewrap-records`` then rewraps the stored data keys, and
-    ``--forget-retired`` deletes the old key.
+    no crash can leave something made with a key the broker no longer has.
     """
+    file_name, name_of = _RETIRED_SECRETS[kind]
     key_dir = Path(key_dir)
-    path = key_dir / RECORDS_KEK_FILE
+    path = key_dir / file_name
     if not path.exists():
         raise KeysMissing(key_dir, [path.name])
     old = _load(path, _decode_secret)
     retired_dir = key_dir / RETIRED_DIR
     _ensure_private_dir(retired_dir)
-    old_id = records_kek_id(old)
+    old_id = name_of(old)
     # Already there after a rotation cut short: the same bytes, so nothing to do.
-    _write_new_file(retired_dir / _retired_records_name(old_id), _encode_secret(old))
+    _write_new_file(retired_dir / _retired_secret_name(kind, old_id), _encode_secret(old))
     new = secrets.token_bytes(SECRET_BYTES)
     _replace_file(path, _encode_secret(new))
-    return old_id, records_kek_id(new)
+    return old_id, name_of(new)
+
+
+def rotate_records_kek(key_dir: Path) -> tuple[str, str]:
+    """Replace the records key (KEK); returns (retired id, new id).
+
+    The retired key still unwraps. Running processes wrap with the new key once they
+    next read the folder; ``broker keys rewrap-records`` then rewraps the stored data
+    keys, and ``--forget-retired`` deletes the old key.
+    """
+    return _rotate_secret(key_dir, "records-kek")
+
+
+def rotate_subject_hmac(key_dir: Path) -> tuple[str, str]:
+    """Replace the subject-commitment key; returns (retired id, new id).
+
+    Entries written from then on commit to survivors under the new key. The retired
+    key is kept for good: the broker finds a survivor's older entries with it.
+    """
+    return _rotate_secret(key_dir, "subject-hmac")
 
 
 def forget_retired_records_keks(key_dir: Path) -> list[str]:

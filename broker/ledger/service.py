@@ -157,8 +157,9 @@ async def list_entries(
     if entry_type is not None:
         stmt = stmt.where(LedgerEntry.entry_type == entry_type)
     if subject_id is not None:
-        commitment = subject_commitment(rt.keys.subject_hmac, subject_id)
-        stmt = stmt.where(LedgerEntry.subject_commitment == commitment)
+        # One commitment per key she may have been committed under (rotations).
+        commitments = [subject_commitment(key, subject_id) for key in rt.keys.subject_hmacs]
+        stmt = stmt.where(LedgerEntry.subject_commitment.in_(commitments))
     rows = (await session.execute(stmt.order_by(LedgerEntry.idx).limit(limit + 1))).scalars().all()
     more = len(rows) > limit
     rows = rows[:limit]

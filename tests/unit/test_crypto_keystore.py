@@ -34,6 +34,8 @@ from broker.crypto.keystore import (
     records_kek_id,
     rotate_records_kek,
     rotate_signing_key,
+    rotate_subject_hmac,
+    subject_hmac_id,
 )
 from broker.crypto.payload import PayloadInvalid, sign_claims, verify_signed
 
@@ -450,6 +452,55 @@ def test_rotating_the_records_key_needs_the_key_it_replaces(key_dir: Path) -> No
         rotate_records_kek(key_dir)
 
 
+# --------------------------------------------------------------------------- subject key
+
+
+def test_rotating_the_subject_key_keeps_every_old_one(key_dir: Path) -> None:
+    first = BrokerKeys.generate(key_dir).subject_hmac
+    first_id, second_id = rotate_subject_hmac(key_dir)
+    second = BrokerKeys.load(key_dir).subject_hmac
+    third_id = rotate_subject_hmac(key_dir)[1]
+    keys = BrokerKeys.load(key_dir)
+    assert (first_id, second_id, third_id) == tuple(
+        subject_hmac_id(k) for k in (first, second, keys.subject_hmac)
+    )
+    assert keys.subject_hmacs[0] == keys.subject_hmac
+    assert sorted(keys.retired_subject_hmacs) == sorted([first, second])
+    assert subject_hmac_id(first) != records_kek_id(first)  # names of their own kind
+    for key in (first, second):
+        path = key_dir / "retired" / f"subject-hmac.{subject_hmac_id(key)}.key"
+        assert _mode(path) == 0o600 and base64.b64decode(path.read_bytes()) == key
+        assert key.hex() not in repr(keys)
+    # Records-key housekeeping leaves them alone.
+    assert forget_retired_records_keks(key_dir) == []
+    assert BrokerKeys.load(key_dir).retired_subject_hmacs == keys.retired_subject_hmacs
+    assert keys.with_secret_keys_from_disk() is keys
+
+
+def test_a_running_process_takes_a_rotated_subject_key(key_dir: Path) -> None:
+    held = BrokerKeys.generate(key_dir)
+    assert held.with_secret_keys_from_disk() is held
+    rotate_subject_hmac(key_dir)
+    taken = held.with_secret_keys_from_disk()
+    assert taken.retired_subject_hmacs == (held.subject_hmac,)
+    assert taken.subject_hmac == BrokerKeys.load(key_dir).subject_hmac != held.subject_hmac
+    assert taken.records_kek == held.records_kek
+
+
+def test_a_retired_subject_key_under_another_name_is_refused(key_dir: Path) -> None:
+    BrokerKeys.generate(key_dir)
+    rotate_subject_hmac(key_dir)
+    (retired,) = (key_dir / "retired").glob("subject-hmac.*.key")
+    retired.rename(retired.with_name("subject-hmac.0000000000000000.key"))
+    with pytest.raises(ValueError, match="does not hold the key its name gives"):
+        BrokerKeys.load(key_dir)
+
+
+def test_rotating_the_subject_key_needs_the_key_it_replaces(key_dir: Path) -> None:
+    with pytest.raises(KeysMissing):
+        rotate_subject_hmac(key_dir)
+
+
 def test_rewrap_moves_a_data_key_to_the_current_key_and_keeps_it() -> None:
     old, new, stranger = os.urandom(32), os.urandom(32), os.urandom(32)
     wrapped = new_wrapped_data_key(old)
@@ -471,9 +522,9 @@ def test_the_wrapping_key_is_checked_against_the_file(key_dir: Path) -> None:
     with pytest.raises(RecordsKeyRotated, match="rotated after this process loaded it"):
         keys.wrapping_kek()
     assert BrokerKeys.load(key_dir).wrapping_kek() != keys.records_kek
-    fresh = keys.with_records_keys_from_disk()  # what a running process takes instead
+    fresh = keys.with_secret_keys_from_disk()  # what a running process takes instead
     assert fresh.records_keks == (BrokerKeys.load(key_dir).records_kek, keys.records_kek)
     assert fresh.wrapping_kek() == fresh.records_kek
-    assert fresh.with_records_keys_from_disk() is fresh  # nothing changed since
+    assert fresh.with_secret_keys_from_disk() is fresh  # nothing changed since
     in_memory = BrokerKeys(**{**keys.__dict__, "key_dir": None})
     assert in_memory.wrapping_kek() == keys.records_kek
