@@ -52,10 +52,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from broker.runtime import load_keys
+    from broker.serving import http_protocol
 
     settings = _settings()
-    for warning in serve_warnings(settings, args.workers):
-        print(warning, file=sys.stderr)
+    protocol, protocol_warning = http_protocol()
+    for warning in [*serve_warnings(settings, args.workers), protocol_warning]:
+        if warning is not None:
+            print(warning, file=sys.stderr)
     load_keys(settings)  # generate (dev) or check (production) before any worker starts
     asyncio.run(_schema_up_to_date(settings))  # refuse before any worker starts, too
     uvicorn.run(
@@ -67,7 +70,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         access_log=args.access_log,
         proxy_headers=False,
-        http="broker.serving:OneWriteHttpToolsProtocol",
+        http=protocol,
     )
     return 0
 

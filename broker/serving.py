@@ -17,7 +17,10 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-__all__ = ["FLUSH_AT", "OneWriteHttpToolsProtocol", "OneWriteTransport"]
+__all__ = ["FLUSH_AT", "OneWriteHttpToolsProtocol", "OneWriteTransport", "http_protocol"]
+
+#: What ``broker serve`` passes to uvicorn as ``http`` when the subclass fits.
+ONE_WRITE_PROTOCOL = "broker.serving:OneWriteHttpToolsProtocol"
 
 #: Held bytes past which a write goes out at once, so a large body is not copied twice.
 FLUSH_AT = 64 * 1024
@@ -106,3 +109,20 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         if isinstance(transport, OneWriteTransport):
             transport.flush()
         super().on_response_complete()
+
+
+def http_protocol() -> tuple[str, str | None]:
+    """uvicorn's ``http`` setting for ``broker serve``, and a warning if it is not ours.
+
+    ``OneWriteHttpToolsProtocol`` overrides two methods of uvicorn's own protocol
+    class, which is not a public API. A uvicorn release that renamed them would leave
+    the subclass serving subtly wrong; the stock protocol is served instead (one more
+    ``send`` per response), with a warning.
+    """
+    own = HttpToolsProtocol.__dict__
+    if all(callable(own.get(name)) for name in ("connection_made", "on_response_complete")):
+        return ONE_WRITE_PROTOCOL, None
+    return "httptools", (
+        "warning: this uvicorn's httptools protocol is not the one broker.serving was "
+        "written for; serving uvicorn's own (responses take two writes)"
+    )
