@@ -69,8 +69,9 @@ KEY_FOLDER_INTERVAL_SECONDS = 5.0
 
 
 async def reload_keys(rt: Runtime) -> None:
-    """Take rotated keys from the folder: after ``broker keys rotate token|payload|records``
-    or ``rewrap-records --forget-retired``, every process follows within the interval."""
+    """Take rotated keys from the folder: after ``broker keys rotate token|payload|records|
+    subject`` or ``rewrap-records --forget-retired``, every process follows within the
+    interval."""
     rt.reload_keys()
 
 
