@@ -26,6 +26,7 @@ from broker.crypto.keystore import (
 )
 from broker.crypto.payload import PayloadInvalid, open_payload
 from broker.workers import reload_keys
+from tests.servers import bootstrap_admin, broker_env, brokers, client_at, free_port, run_cli
 from tests.support import (
     Story,
     World,
@@ -203,3 +204,34 @@ async def test_the_background_loop_reads_the_folder(world: World, key_copy: Path
             await asyncio.sleep(0.2)
         assert new in await _kids(http)
         assert runtime_of(app).keys.payload_signing.kid == new
+
+
+async def test_real_broker_processes_follow_a_rotation_of_their_shared_folder(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Two ``broker serve`` processes on 127.0.0.1 sharing one key folder, as replicas
+    on one host do: after ``broker keys rotate token`` both sign with the new key
+    within the folder-reading interval, and a token issued before works on both."""
+    public_url = f"http://127.0.0.1:{free_port()}"
+    env = broker_env(database_url, tmp_path / "keys", public_url)
+    run_cli(env, "keys", "init")
+    with brokers(env, 2) as procs:
+        admin = await asyncio.to_thread(bootstrap_admin, env, procs[0].url, tmp_path)
+        before = await admin.token()
+        rotated = await asyncio.to_thread(run_cli, env, "keys", "rotate", "token")
+        new_kid = rotated.strip().rsplit(" ", 1)[-1]
+        assert new_kid != _kid(before)
+        async with httpx.AsyncClient(timeout=10) as http:
+            for proc in procs:
+                for _ in range(75):  # 15 s at most, three times the interval
+                    jwks = (await http.get(f"{proc.url}/.well-known/jwks.json")).json()
+                    if jwks["keys"][0]["kid"] == new_kid:
+                        break
+                    await asyncio.sleep(0.2)
+                assert jwks["keys"][0]["kid"] == new_kid, proc.log_text()
+                old_token = {"Authorization": f"Bearer {before}"}
+                assert (await http.get(f"{proc.url}/v1/agencies", headers=old_token)).is_success
+                replica = client_at(proc.url, admin.client_id, admin.private_jwk, public_url)
+                assert _kid(await replica.fetch_token()) == new_kid
+                await replica.aclose()
+        await admin.aclose()
