@@ -53,6 +53,8 @@ class DisclosureConfig:
     deposits: int  # survivors whose Harbor House record is deposited (and then asked for)
     load: LoadParams
     profile_dir: Path | None
+    #: Requests per stream of the existence-oracle timing (``bench.oracle``).
+    oracle_requests: int = 400
 
 
 # --------------------------------------------------------------------------- baseline
@@ -346,6 +348,10 @@ def broker_rows(
                         mode,
                     ):
                         progress("no profile: install py-spy (.venv/bin/pip install py-spy)")
+        if backend == "postgresql":  # the grid is the endpoint's, whatever the database
+            from bench.oracle import oracle_rows
+
+            rows += oracle_rows(setup, backend, cfg.oracle_requests, progress)
         hwm = max(infra.rss_mb(pid)[0] for pid in setup.server.worker_pids())
         rss = max(infra.rss_mb(pid)[1] for pid in setup.server.worker_pids())
         rows.append(

@@ -17,56 +17,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import socket
 import statistics
 import sys
-import time
 from pathlib import Path
 
 from bench import infra
 from bench.disclosure import DisclosureConfig, _held_bodies, serve_broker, start_broker
 from bench.load import LoadParams, loadgen
 from bench.loadgen import Plan, percentile
+from bench.sequential import KeepAliveConn
 from bench.world import fetch_token
 from broker.settings import Settings
-
-
-class _Conn:
-    """One keep-alive HTTP/1.1 connection, blocking: the simplest client is the fairest."""
-
-    def __init__(self, port: int, token: str) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.token = token
-        self.head = (
-            "POST /v1/disclosures HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
-        )
-
-    def post(self, body: str) -> tuple[int, float]:
-        data = body.encode()
-        request = f"{self.head}Content-Length: {len(data)}\r\n\r\n".encode() + data
-        began = time.perf_counter()
-        self.sock.sendall(request)
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("server closed the connection")
-            buf += chunk
-        head, _, rest = buf.partition(b"\r\n\r\n")
-        length = 0
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        while len(rest) < length:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("server closed the connection")
-            rest += chunk
-        elapsed = time.perf_counter() - began
-        return int(head.split(b" ", 2)[1]), elapsed
 
 
 def _serve(
@@ -112,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         # two would race for every batch and one side's CPU would carry the other's.
         log_dir = infra.temp_dir(stack, "paired")
         police = setup.world.clients["police"]
-        sides: dict[str, tuple[infra.Server, _Conn]] = {}
+        sides: dict[str, tuple[infra.Server, KeepAliveConn]] = {}
         for name, tree in (("A (this tree)", infra.REPO), (f"B ({other})", other)):
             server = _serve(stack, setup.settings, tree, log_dir)
-            sides[name] = (server, _Conn(server.port, fetch_token(server.url, police)))
+            sides[name] = (server, KeepAliveConn(server.port, fetch_token(server.url, police)))
         bodies = _held_bodies(setup.world, setup.deposited)
         names = list(sides)
         for i in range(100):  # warm both: caches, prepared statements, pools
@@ -150,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _peak(sides: dict[str, tuple[infra.Server, _Conn]], bodies: list[str], rounds: int) -> None:
+def _peak(
+    sides: dict[str, tuple[infra.Server, KeepAliveConn]], bodies: list[str], rounds: int
+) -> None:
     """Closed-loop bursts, sides alternating: throughput, server CPU per request, and
     the latency spread (a change can keep throughput and starve some requests)."""
     names = list(sides)

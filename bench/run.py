@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         deposits=args.deposits or (1_000 if quick else 2_000),
         load=load,
         profile_dir=args.profile,
+        oracle_requests=300 if quick else 400,
     )
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
@@ -176,6 +177,11 @@ def _notes(cfg: DisclosureConfig, grants: int, entries: int) -> str:
         "sequencer drained the seeding's ledger entries, then PostgreSQL ran "
         "`VACUUM (ANALYZE)` and `CHECKPOINT`, before measuring. The half-of-peak row "
         "also gives the load generator's own lag against its schedule.",
+        f"- Existence oracle (PostgreSQL): {cfg.oracle_requests:,} sequential denials per "
+        "stream on one keep-alive connection, a known survivor without consent and an "
+        "unknown reference alternating (`bench/oracle.py`), next to an A/A pair of two "
+        "unknown streams; compared by the median paired difference and the "
+        "Kolmogorov-Smirnov D.",
         "- Decision: `broker.disclosure.decision.decide` vs cedarpy deciding the same grants "
         "written as Cedar policies (pre-parsed `PolicySet` and `Entities`, both engines "
         "checked to agree first); resolve + decide against PostgreSQL grown by `INSERT ... "

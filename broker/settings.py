@@ -74,6 +74,14 @@ class Settings(BaseSettings):
         "Set false in production so only https:// endpoints can be registered.",
     )
 
+    denial_quantum_ms: float = Field(
+        default=25.0,
+        ge=0,
+        le=1000,
+        description="A disclosure denial is answered at the first multiple of this many "
+        "milliseconds after the request arrived, so its timing does not show whether the "
+        "survivor is known (broker/disclosure/denial_timing.py); 0 answers at once.",
+    )
     rate_limit_per_second: float = Field(
         default=50.0, ge=0, description="Sustained requests per second per client; 0 disables."
     )

@@ -52,6 +52,7 @@ def broker_env(database_url: str, key_dir: Path, public_url: str, **extra: str) 
             "BROKER_PUBLIC_URL": public_url,
             "BROKER_RATE_LIMIT_PER_SECOND": "0",
             "BROKER_SEQUENCER_INTERVAL_SECONDS": "0.02",
+            "BROKER_DENIAL_QUANTUM_MS": "1",
         }
     )
     env.update(extra)

@@ -451,6 +451,22 @@ async def test_no_existence_oracle(world: World) -> None:
     }
 
 
+async def test_denials_leave_on_the_time_grid(world: World) -> None:
+    """Invariant 6's timing half (``denial_timing``): no denial, whoever is asked about,
+    leaves before the grid's first tick. (That they then look alike is measured by
+    ``bench/oracle.py``, not asserted here.)"""
+    s, _ = await _setup(world)
+    fisher = await world.client((await world.agency("Westside Clinic", "medical")).id, "agency")
+    world.rt.settings = world.rt.settings.model_copy(update={"denial_quantum_ms": 200})
+    for client, ref in ((fisher, "WC-404"), (s.officer, "PD-404"), (s.officer, "PD-24-0193")):
+        await client.token()  # not part of what is timed
+        body = _ask(subject_ref=ref, purpose="protective_order")
+        began = time.monotonic()
+        answer = await client.post("/v1/disclosures", json=body)
+        assert answer.status_code == 403, answer.text
+        assert time.monotonic() - began >= 0.2
+
+
 async def test_ledger_entries_hold_no_personal_data(world: World) -> None:
     s, _ = await _setup(world)
     await s.officer.post("/v1/disclosures", json=_ask())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
@@ -22,6 +23,7 @@ from broker.auth.roles import Principal, Role
 from broker.common.validation import utc_instant
 from broker.db import SessionDep, driver_session, single_statement_writes
 from broker.disclosure import accounting, audit, records
+from broker.disclosure.denial_timing import answer_on_grid
 from broker.disclosure.schemas import (
     Accounting,
     DenialReport,
@@ -85,11 +87,16 @@ async def serve_disclosure(
 ) -> Response:
     """The token and role are checked first (here, for the fast path); the caller's
     standing by the service's first statement (``repository.resolve``); the decision is
-    committed before any answer is sent.
+    committed before any answer is sent. A denial is sent on the time grid of
+    ``denial_timing``, so its timing does not say whether the survivor is known.
     """
+    started = time.monotonic()
     caller = caller or discloser(request)
+    rt = request.app.state.runtime
     async with driver_session(request) as session:
-        outcome = await request_disclosure(session, request.app.state.runtime, caller, body)
+        outcome = await request_disclosure(session, rt, caller, body)
+    if outcome.status == NotPermitted.status_code:
+        await answer_on_grid(started, rt.settings.denial_quantum_ms / 1000)
     media = "application/json" if outcome.status == 200 else PROBLEM_MEDIA_TYPE
     return Response(orjson.dumps(outcome.body), status_code=outcome.status, media_type=media)
 

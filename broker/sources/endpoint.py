@@ -33,10 +33,11 @@ and ``typ: "records-request+jwt"``. Claims:
 
 The agency verifies the signature against the broker's ``/.well-known/jwks.json`` (select by
 ``kid``, accept only ES256; the token key rotates, so fetch the JWKS again, at most every
-few seconds, when a ``kid`` is not in the copy held), then checks ``typ``, ``iss``, ``aud`` (its own URL), ``sub`` (its
-own id), ``exp``/``iat`` (allowing a little clock skew), that ``req`` matches the SHA-256 of the
-raw body *before* parsing it -- so a token cannot be replayed with another body -- and ideally
-that ``jti`` was not seen within the token's lifetime. It answers:
+few seconds, when a ``kid`` is not in the copy held), then checks ``typ``, ``iss``, ``aud``
+(its own URL), ``sub`` (its own id), ``exp``/``iat`` (allowing a little clock skew), that
+``req`` matches the SHA-256 of the raw body *before* parsing it -- so a token cannot be
+replayed with another body -- and ideally that ``jti`` was not seen within the token's
+lifetime. It answers:
 
 * ``200`` with ``Content-Type: application/json`` (parameters such as ``charset`` are fine) and
   a JSON object holding the record's fields. Fields the category schema does not know are
