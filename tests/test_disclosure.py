@@ -465,6 +465,14 @@ async def test_denials_leave_on_the_time_grid(world: World) -> None:
         answer = await client.post("/v1/disclosures", json=body)
         assert answer.status_code == 403, answer.text
         assert time.monotonic() - began >= 0.2
+    # Refused for its standing by the statement that also looked the survivor up.
+    assert world.admin is not None
+    gone = await world.admin.request("DELETE", f"/v1/clients/{fisher.client_id}")
+    assert gone.status_code in (200, 204), gone.text
+    began = time.monotonic()
+    answer = await fisher.post("/v1/disclosures", json=_ask(subject_ref="WC-404"))
+    assert answer.status_code == 401, answer.text
+    assert time.monotonic() - began >= 0.2
 
 
 async def test_ledger_entries_hold_no_personal_data(world: World) -> None:

@@ -93,10 +93,17 @@ async def serve_disclosure(
     started = time.monotonic()
     caller = caller or discloser(request)
     rt = request.app.state.runtime
-    async with driver_session(request) as session:
-        outcome = await request_disclosure(session, rt, caller, body)
+    quantum = rt.settings.denial_quantum_ms / 1000
+    try:
+        async with driver_session(request) as session:
+            outcome = await request_disclosure(session, rt, caller, body)
+    except Unauthenticated:
+        # A withdrawn client or suspended agency is refused after the statement that
+        # also looked the survivor up: on the grid too, so that refusal says nothing.
+        await answer_on_grid(started, quantum)
+        raise
     if outcome.status == NotPermitted.status_code:
-        await answer_on_grid(started, rt.settings.denial_quantum_ms / 1000)
+        await answer_on_grid(started, quantum)
     media = "application/json" if outcome.status == 200 else PROBLEM_MEDIA_TYPE
     return Response(orjson.dumps(outcome.body), status_code=outcome.status, media_type=media)
 
