@@ -102,7 +102,9 @@ EXPECTED: dict[Op, Row] = {
     ("GET", "/v1/consents/{grant_id}/fhir"):                 Row(U, F, F, OK, F, other=("advocate", N)),
     # Another agency asking about the survivor gets the uniform disclosure denial.
     ("POST", "/v1/disclosures"):                             Row(U, F, OK, F, F, other=("agency", F)),
-    ("POST", "/v1/records"):                                 Row(U, F, NEW, F, F, other=("agency", N)),
+    # Only her enrolling agency or a source of her grants may deposit (the police are
+    # neither): anyone else, known reference or not, gets the same 404.
+    ("POST", "/v1/records"):                                 Row(U, F, N, F, F, other=("agency", N)),
     ("GET", "/v1/disclosures/{disclosure_id}/receipt"):      Row(U, F, OK, F, OK, other=("agency", N)),  # integrated first
     ("GET", "/v1/audit/denials"):                            AUDITOR,
     ("GET", "/v1/ledger/checkpoint"):                        AUDITOR,

@@ -256,6 +256,14 @@ async def test_the_record_comes_from_the_sources_of_the_version_in_force(
         json={"agency_id": second.id, "reference": "SS-77"},
     )
     assert r.status_code == 201, r.text
+    # A grant to someone else names the second shelter as a source: it may deposit.
+    legal = await world.agency("Northside Legal Aid", "legal_aid")
+    await world.grant(
+        s.advocate,
+        **consent_body(
+            subject_id=s.subject_id, source_agency_ids=[second.id], recipient_agency_id=legal.id
+        ),
+    )
     depositor = await world.client(second.id, "agency", "second shelter case system")
     waitlisted = {"intake_date": "2024-05-05", "bed_status": "waitlisted"}
     r = await depositor.post(
@@ -573,6 +581,53 @@ async def test_revocation_is_never_followed_by_a_disclosure(world: World) -> Non
         rows = (await session.execute(select(LedgerPending.seq, LedgerPending.entry_type))).all()
     revoke_seq = next(seq for seq, kind in rows if kind == "consent.revoked")
     assert all(seq < revoke_seq for seq, kind in rows if kind == "disclosure.permitted")
+
+
+async def test_a_deposit_tells_an_agency_nothing_it_may_not_know(world: World) -> None:
+    """Invariant 6 for deposits: an agency that neither enrolled the survivor nor is a
+    source of her grants gets, for its own linked case number, exactly the 404 an
+    unknown one gets, on the denial grid, and nothing is stored; a grant naming it as
+    a source opens deposits, and its revocation closes them again."""
+    s, _ = await _setup(world)
+    clinic = await world.agency("Westside Clinic", "medical")
+    linked = await s.advocate.post(
+        f"/v1/subjects/{s.subject_id}/references",
+        json={"agency_id": clinic.id, "reference": "WC-1"},
+    )
+    assert linked.status_code == 201, linked.text
+    depositor = await world.client(clinic.id, "agency", "clinic records")
+    await depositor.token()
+    world.rt.settings = world.rt.settings.model_copy(update={"denial_quantum_ms": 200})
+
+    async def deposit(ref: str) -> httpx.Response:
+        record = {"subject_ref": ref, "category": "shelter", "record": SHELTER_RECORD}
+        return await depositor.post("/v1/records", json=record)
+
+    answers = []
+    for ref in ("WC-1", "WC-2"):
+        began = time.monotonic()
+        answer = await deposit(ref)
+        assert time.monotonic() - began >= 0.2
+        assert answer.status_code == 404, answer.text
+        body = answer.json()
+        body.pop("instance", None)
+        answers.append((body, len(answer.content)))
+    assert answers[0] == answers[1]
+    async with world.rt.sessionmaker() as session:
+        held = select(func.count()).select_from(HeldRecord)
+        assert await session.scalar(held.where(HeldRecord.agency_id == clinic.id)) == 0
+
+    grant = await world.grant(
+        s.advocate,
+        **consent_body(
+            subject_id=s.subject_id, source_agency_ids=[clinic.id], recipient_agency_id=s.police.id
+        ),
+    )
+    assert (await deposit("WC-1")).status_code == 201
+    oral = {"attestation": attestation("verbal_witnessed"), "reason": "Survivor called."}
+    revoked = await s.advocate.post(f"/v1/consents/{grant['id']}/revoke", json=oral)
+    assert revoked.status_code == 200, revoked.text
+    assert (await deposit("WC-1")).status_code == 404
 
 
 async def test_erasure_shreds_held_records(world: World) -> None:

@@ -116,7 +116,15 @@ async def serve_disclosure(
 async def deposit_record(
     body: RecordDeposit, caller: Depositor, session: SessionDep, rt: RuntimeDep
 ) -> RecordStored:
-    return await records.deposit(session, rt, caller, body)
+    """Only for a survivor the agency enrolled or whose grants name it as a source; any
+    other reference, known or not, gets the same 404, sent on the denial grid."""
+    started = time.monotonic()
+    try:
+        return await records.deposit(session, rt, caller, body)
+    except NotFound:
+        await session.rollback()  # nothing was written: the connection goes back first
+        await answer_on_grid(started, rt.settings.denial_quantum_ms / 1000)
+        raise
 
 
 @router.get(

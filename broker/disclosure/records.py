@@ -15,12 +15,32 @@ from broker.disclosure import repository
 from broker.disclosure.schemas import RecordDeposit, RecordStored
 from broker.errors import InvalidRequest, NotFound, ServiceUnavailable
 from broker.ledger.entries import append_entry
-from broker.models import HeldRecord, Subject, SubjectReference
+from broker.models import ConsentGrant, ConsentVersion, HeldRecord, Subject, SubjectReference
 from broker.runtime import Runtime
 from broker.sources.held import seal_record
 from broker.subjects.rekey import lock_data_key
 
 log = logging.getLogger("broker.disclosure")
+
+
+NOT_LINKED = "No survivor is linked to this reference for your agency."
+
+
+async def may_deposit(session: AsyncSession, subject: Subject, agency_id: str) -> bool:
+    """Whether ``agency_id`` may leave records for ``subject``: it enrolled her, or the
+    latest version of one of her grants not revoked names it as a source."""
+    if subject.enrolled_by_agency_id == agency_id:
+        return True
+    sources = await session.execute(
+        select(ConsentVersion.source_agency_ids)
+        .join(
+            ConsentGrant,
+            (ConsentGrant.id == ConsentVersion.grant_id)
+            & (ConsentGrant.latest_version == ConsentVersion.version),
+        )
+        .where(ConsentGrant.subject_id == subject.id, ConsentVersion.status != "revoked")
+    )
+    return any(agency_id in ids for (ids,) in sources)
 
 
 async def deposit(
@@ -43,12 +63,17 @@ async def deposit(
             )
         )
     ).scalar_one_or_none()
+    # An agency that neither enrolled her nor holds data she agreed to share gets the
+    # answer an unknown reference gets: otherwise a deposit would tell any agency
+    # whether its own case numbers belong to a survivor the broker knows (invariant 6),
+    # and records would gather here that no grant will ever release.
+    if row is None or not await may_deposit(session, row, caller.agency_id):
+        raise NotFound(NOT_LINKED)
     # Her data key is read under her row's lock, which a re-key also takes: a record
     # is never sealed under a data key that is being replaced (broker.subjects.rekey).
-    wrapped = None if row is None else await lock_data_key(session, row.id)
-    # The depositor asks about its own references only: saying "unknown" reveals nothing new.
-    if row is None or wrapped is None:
-        raise NotFound("No survivor is linked to this reference for your agency.")
+    wrapped = await lock_data_key(session, row.id)
+    if wrapped is None:  # erased
+        raise NotFound(NOT_LINKED)
     try:
         subject_id, agency_id = row.id, caller.agency_id
         blob = rt.with_records_keys(
