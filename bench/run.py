@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="load client: minimal HTTP/1.1 (default) or httpx.AsyncClient (saturates first)",
     )
     p.add_argument("--grants", type=int, help="largest grant table (1,000,000; quick 100,000)")
+    p.add_argument(
+        "--oracle", type=int, help="denials per existence-oracle stream (400; quick 300)"
+    )
     p.add_argument("--entries", type=int, help="ledger size (1,000,000; quick 100,000)")
     p.add_argument("--only", action="append", choices=SECTIONS, help="run only these sections")
     p.add_argument("--profile", type=Path, help="also py-spy one broker worker into this folder")
@@ -105,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         deposits=args.deposits or (1_000 if quick else 2_000),
         load=load,
         profile_dir=args.profile,
-        oracle_requests=300 if quick else 400,
+        oracle_requests=args.oracle or (300 if quick else 400),
     )
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 
 
 def wait_for_grid(elapsed: float, quantum: float) -> float:
@@ -30,9 +29,32 @@ def wait_for_grid(elapsed: float, quantum: float) -> float:
     return wait if wait > 0 else wait + quantum  # elapsed a multiple, give or take rounding
 
 
+def arrival() -> float:
+    """The time a request arrived, on the event loop's clock (``answer_on_grid``'s)."""
+    return asyncio.get_running_loop().time()
+
+
 async def answer_on_grid(started: float, quantum: float) -> None:
-    """Sleep until the next multiple of ``quantum`` seconds after ``started``
-    (``time.monotonic()`` when the request arrived)."""
-    wait = wait_for_grid(time.monotonic() - started, quantum)
-    if wait > 0:
-        await asyncio.sleep(wait)
+    """Wait until the next multiple of ``quantum`` seconds after ``started`` (``arrival()``).
+
+    The wake-up is set as an instant on the loop's own clock (``call_at``), not as a
+    delay from now: uvloop keeps time in whole milliseconds cached per turn, so a delay
+    counted from the moment the work ended would carry that moment's phase within the
+    millisecond, and with it a trace of how long the work took.
+    """
+    loop = asyncio.get_running_loop()
+    now = loop.time()
+    wait = wait_for_grid(now - started, quantum)
+    if wait <= 0:
+        return
+    woken: asyncio.Future[None] = loop.create_future()
+    timer = loop.call_at(now + wait, _wake, woken)  # started + a whole number of quanta
+    try:
+        await woken
+    finally:
+        timer.cancel()
+
+
+def _wake(woken: asyncio.Future[None]) -> None:
+    if not woken.done():
+        woken.set_result(None)

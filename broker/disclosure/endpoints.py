@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import time
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
@@ -23,7 +22,7 @@ from broker.auth.roles import Principal, Role
 from broker.common.validation import utc_instant
 from broker.db import SessionDep, driver_session, single_statement_writes
 from broker.disclosure import accounting, audit, records
-from broker.disclosure.denial_timing import answer_on_grid
+from broker.disclosure.denial_timing import answer_on_grid, arrival
 from broker.disclosure.schemas import (
     Accounting,
     DenialReport,
@@ -90,7 +89,7 @@ async def serve_disclosure(
     committed before any answer is sent. A denial is sent on the time grid of
     ``denial_timing``, so its timing does not say whether the survivor is known.
     """
-    started = time.monotonic()
+    started = arrival()
     caller = caller or discloser(request)
     rt = request.app.state.runtime
     quantum = rt.settings.denial_quantum_ms / 1000
@@ -118,7 +117,7 @@ async def deposit_record(
 ) -> RecordStored:
     """Only for a survivor the agency enrolled or whose grants name it as a source; any
     other reference, known or not, gets the same 404, sent on the denial grid."""
-    started = time.monotonic()
+    started = arrival()
     try:
         return await records.deposit(session, rt, caller, body)
     except NotFound:
