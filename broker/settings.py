@@ -78,9 +78,10 @@ class Settings(BaseSettings):
         default=25.0,
         ge=0,
         le=1000,
-        description="A disclosure denial is answered at the first multiple of this many "
-        "milliseconds after the request arrived, so its timing does not show whether the "
-        "survivor is known (broker/disclosure/denial_timing.py); 0 answers at once.",
+        description="A disclosure denial (or refused deposit) is answered at the first "
+        "multiple of this many milliseconds after the request arrived, so its timing does "
+        "not show whether the survivor is known (broker/disclosure/denial_timing.py); 0 "
+        "answers at once.",
     )
     rate_limit_per_second: float = Field(
         default=50.0, ge=0, description="Sustained requests per second per client; 0 disables."
