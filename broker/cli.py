@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import sys
 from collections.abc import Awaitable, Callable
@@ -68,11 +69,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         workers=args.workers,
         log_level=args.log_level,
+        log_config=_log_config(args.log_level),
         access_log=args.access_log,
         proxy_headers=False,
         http=protocol,
     )
     return 0
+
+
+def _log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging, with the broker's own logger at the same level on its handler.
+
+    Without it, what the broker logs below WARNING (keys taken from the folder, the
+    sequencer picking up a rotated checkpoint key) went nowhere.
+    """
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["broker"] = {
+        "handlers": ["default"],
+        "level": level.upper(),
+        "propagate": False,
+    }
+    return config
 
 
 async def _schema_up_to_date(settings: Settings) -> None:

@@ -76,9 +76,14 @@ class BrokerProcess:
     """One ``broker serve`` on a loopback port; restartable on the same port, killable."""
 
     def __init__(
-        self, env: dict[str, str], port: int | None = None, log: Path | None = None
+        self,
+        env: dict[str, str],
+        port: int | None = None,
+        log: Path | None = None,
+        log_level: str = "warning",
     ) -> None:
         self.env = env
+        self.log_level = log_level
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         if log is None:
@@ -91,7 +96,14 @@ class BrokerProcess:
     def start(self, timeout: float = 30.0) -> None:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(  # noqa: S603
-                [str(BIN / "broker"), "serve", "--port", str(self.port), "--log-level", "warning"],
+                [
+                    str(BIN / "broker"),
+                    "serve",
+                    "--port",
+                    str(self.port),
+                    "--log-level",
+                    self.log_level,
+                ],
                 env=self.env,
                 stdout=subprocess.DEVNULL,
                 stderr=out,
@@ -134,9 +146,11 @@ class BrokerProcess:
 
 
 @contextlib.contextmanager
-def brokers(env: dict[str, str], count: int) -> Iterator[list[BrokerProcess]]:
+def brokers(
+    env: dict[str, str], count: int, log_level: str = "warning"
+) -> Iterator[list[BrokerProcess]]:
     """``count`` processes sharing one database and key folder, like replicas behind a proxy."""
-    procs = [BrokerProcess(env) for _ in range(count)]
+    procs = [BrokerProcess(env, log_level=log_level) for _ in range(count)]
     try:
         for p in procs:
             p.start()

@@ -215,7 +215,7 @@ async def test_real_broker_processes_follow_a_rotation_of_their_shared_folder(
     public_url = f"http://127.0.0.1:{free_port()}"
     env = broker_env(database_url, tmp_path / "keys", public_url)
     run_cli(env, "keys", "init")
-    with brokers(env, 2) as procs:
+    with brokers(env, 2, log_level="info") as procs:
         admin = await asyncio.to_thread(bootstrap_admin, env, procs[0].url, tmp_path)
         before = await admin.token()
         rotated = await asyncio.to_thread(run_cli, env, "keys", "rotate", "token")
@@ -234,4 +234,8 @@ async def test_real_broker_processes_follow_a_rotation_of_their_shared_folder(
                 replica = client_at(proc.url, admin.client_id, admin.private_jwk, public_url)
                 assert _kid(await replica.fetch_token()) == new_kid
                 await replica.aclose()
+                # The operator can see it happen (the broker's logger reaches the log).
+                assert f"signing keys reloaded from the key folder: token kid {new_kid}" in (
+                    proc.log_text()
+                )
         await admin.aclose()
