@@ -131,9 +131,12 @@ class AccessTokenVerifier:
         """Whether the token names a key this verifier does not know and a look at the
         key folder (``on_unknown_kid``) changed the keys."""
         kid = _header_kid(token)
-        if kid is None or kid == self._key.kid or kid in self._retired:
+        if kid is None or kid == self._key.kid or kid in self._retired or not self.on_unknown_kid:
             return False
-        return self.on_unknown_kid is not None and self.on_unknown_kid()
+        try:
+            return self.on_unknown_kid()
+        except Exception:  # a look at the folder that fails must refuse, never answer 500
+            return False
 
     def _key_named(self, obj: GuestProtocol) -> ECKey:
         """The key the header's kid names; KeyError when none is (or no longer) trusted."""

@@ -123,3 +123,14 @@ def test_a_header_without_a_readable_kid_asks_for_nothing(token: str) -> None:
     verifier.on_unknown_kid = lambda: pytest.fail("asked")  # type: ignore[assignment,return-value]
     with pytest.raises(Unauthenticated):
         verifier.verify(token)
+
+
+def test_a_failing_look_at_the_folder_refuses_the_token() -> None:
+    verifier = AccessTokenVerifier(_key(), ISSUER)
+
+    def broken() -> bool:
+        raise RuntimeError("key folder unreadable")
+
+    verifier.on_unknown_kid = broken
+    with pytest.raises(Unauthenticated):
+        verifier.verify(_token(_key()))
