@@ -11,7 +11,8 @@ instead a denial is answered at the first multiple of ``denial_quantum_ms`` afte
 the request arrived. Below the quantum every denial takes the same time; above it
 (an overloaded broker) only the multiple shows, and the noise of the load hides that.
 Denials cost no more CPU: the wait is a sleep, taken after the database connection
-went back to the pool.
+went back to the pool. The disclosure route puts its denials and its refusals for
+the caller's standing on the grid, the deposit route its refusals (``endpoints``).
 """
 
 from __future__ import annotations
