@@ -8,7 +8,6 @@ every request so a suspension acts at once.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import hashlib
 import time
@@ -17,8 +16,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
-from joserfc import jwt
+from joserfc import jws, jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, GuestProtocol
 
@@ -152,11 +150,9 @@ class AccessTokenVerifier:
 def _header_kid(token: str) -> str | None:
     """The ``kid`` a compact JWS header claims, unverified; None if there is none."""
     try:
-        segment = token.split(".", 1)[0]
-        header = orjson.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
-    except (ValueError, TypeError):
+        kid = jws.extract_compact(token.encode("utf-8", "surrogatepass")).headers().get("kid")
+    except (JoseError, ValueError, TypeError):
         return None
-    kid = header.get("kid") if isinstance(header, dict) else None
     return kid if isinstance(kid, str) else None
 
 
