@@ -10,12 +10,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import func, select
 
-from broker.app import create_app
 from broker.crypto.keystore import (
     CHECKPOINT_FILE,
     STAGED_CHECKPOINT_FILE,
@@ -37,7 +35,7 @@ from broker.ledger.status import ledger_status
 from broker.ledger.verify import verify_export
 from broker.models import LedgerEntry, LedgerKeyRotation, LedgerPending
 from broker.settings import Settings
-from tests.support import BASE_URL, World
+from tests.support import BASE_URL, World, broker_process, runtime_of
 from tests.test_disclosure import _ask
 from tests.test_ledger import _busy_ledger, _vkey
 from tests.test_records_kek_rotation import shell
@@ -177,9 +175,8 @@ async def test_a_host_with_the_old_key_folder_signs_nothing(
     await integrate_until_empty(world.rt)
     stale_keys = tmp_path / "stale-keys"
     shutil.copytree(settings.key_dir, stale_keys)  # another host's copy, never updated
-    stale_app = create_app(settings.model_copy(update={"key_dir": stale_keys}))
-    async with stale_app.router.lifespan_context(stale_app):
-        stale = stale_app.state.runtime
+    async with broker_process(world, stale_keys) as (stale_app, _):
+        stale = runtime_of(stale_app)
         await _rotate(world)
         assert (await s.officer.post("/v1/disclosures", json=_ask())).status_code == 200
         waiting = await _pending(world)
@@ -205,9 +202,8 @@ async def test_a_host_with_another_deployments_keys_signs_nothing(
     await integrate_until_empty(world.rt)
     other = tmp_path / "other-keys"
     BrokerKeys.generate(other)  # say, a folder made afresh by mistake
-    stranger_app = create_app(settings.model_copy(update={"key_dir": other}))
-    async with stranger_app.router.lifespan_context(stranger_app):
-        stranger = stranger_app.state.runtime
+    async with broker_process(world, other) as (stranger_app, _):
+        stranger = runtime_of(stranger_app)
         assert (await s.officer.post("/v1/disclosures", json=_ask())).status_code == 200
         waiting = await _pending(world)
         with pytest.raises(CheckpointKeyStale):
@@ -307,9 +303,8 @@ async def test_ledger_status_shows_the_backlog_and_who_may_sign(
     stale = tmp_path / "stale-keys"
     shutil.copytree(settings.key_dir, stale)
     done = await _rotate(world)
-    stale_app = create_app(settings.model_copy(update={"key_dir": stale}))
-    async with stale_app.router.lifespan_context(stale_app):
-        seen = await ledger_status(stale_app.state.runtime)
+    async with broker_process(world, stale) as (stale_app, _):
+        seen = await ledger_status(runtime_of(stale_app))
     assert (seen.expected_signer, seen.rotations) == (done.new_verifier_key, 1)
     assert not seen.this_folder_signs and "this key folder may sign: NO" in seen.lines()
 
@@ -342,9 +337,8 @@ async def test_a_lost_key_is_recovered_and_auditors_are_told(
     keys = settings.key_dir
     (keys / CHECKPOINT_FILE).unlink()
     BrokerKeys.generate(keys)  # completes the folder with a fresh checkpoint key
-    restarted = create_app(settings)
-    async with restarted.router.lifespan_context(restarted):
-        rt = restarted.state.runtime
+    async with broker_process(world, keys) as (restarted, http):  # a restart
+        rt = runtime_of(restarted)
         assert (await s.officer.post("/v1/disclosures", json=_ask())).status_code == 200
         with pytest.raises(CheckpointKeyStale):
             await integrate_pending(rt)
@@ -359,14 +353,12 @@ async def test_a_lost_key_is_recovered_and_auditors_are_told(
                 rt.sessionmaker, keys, origin, lost_vkey=done.new_verifier_key
             )
         assert await integrate_until_empty(rt) >= 2  # the disclosure and the recovery entry
-        transport = httpx.ASGITransport(app=restarted)
-        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
-            token = await auditor.token()
-            export = await http.get(
-                "/v1/ledger/export",
-                params={"checkpoints": "all"},
-                headers={"Authorization": f"Bearer {token}"},
-            )
+        token = await auditor.token()
+        export = await http.get(
+            "/v1/ledger/export",
+            params={"checkpoints": "all"},
+            headers={"Authorization": f"Bearer {token}"},
+        )
     assert export.status_code == 200
     report = verify_export(io.BytesIO(export.content), done.new_verifier_key)
     assert report.ok, report.problems

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,13 +23,21 @@ from jwcrypto import jwk as jw_jwk
 from jwcrypto import jws as jw_jws
 from sqlalchemy import func, select, text
 
-from broker.app import create_app
 from broker.crypto.keystore import rotate_signing_key
 from broker.crypto.payload import PayloadInvalid, open_payload
 from broker.disclosure.fast_path import DisclosureFastPath
 from broker.middleware import BodyLimitMiddleware
 from broker.models import ConsentGrant, Disclosure, HeldRecord, LedgerPending
-from tests.support import BASE_URL, Story, World, attestation, consent_body, in_days, story_one
+from tests.support import (
+    Story,
+    World,
+    attestation,
+    broker_process,
+    consent_body,
+    in_days,
+    runtime_of,
+    story_one,
+)
 
 SHELTER_RECORD = {
     "intake_date": "2024-03-02",
@@ -168,7 +175,7 @@ async def test_fast_path_and_route_refuse_alike(world: World) -> None:
 
 
 async def test_after_a_key_rotation_old_tokens_and_payloads_stay_valid(
-    world: World, tmp_path: Path
+    world: World, key_copy: Path
 ) -> None:
     """`broker keys rotate`, then a restart: a token issued before still works until it
     expires, the new payload key signs, and an earlier payload still verifies."""
@@ -177,19 +184,12 @@ async def test_after_a_key_rotation_old_tokens_and_payloads_stay_valid(
     assert earlier.status_code == 200, earlier.text
     token = await s.officer.token()
     old = world.rt.keys
-    keys = tmp_path / "rotated"
-    shutil.copytree(world.rt.settings.key_dir, keys)  # the session's folder stays as it is
-    rotate_signing_key(keys, "token")
-    rotate_signing_key(keys, "payload")
+    rotate_signing_key(key_copy, "token")  # the session's folder stays as it is
+    rotate_signing_key(key_copy, "payload")
 
-    restarted = create_app(world.rt.settings.model_copy(update={"key_dir": keys}))
-    transport = httpx.ASGITransport(app=restarted)
-    async with (
-        restarted.router.lifespan_context(restarted),
-        httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http,
-    ):
+    async with broker_process(world, key_copy) as (restarted, http):
         jwks = (await http.get("/.well-known/jwks.json")).json()
-        new = restarted.state.runtime.keys
+        new = runtime_of(restarted).keys
         assert [k["kid"] for k in jwks["keys"]] == [
             new.token_signing.kid,
             new.payload_signing.kid,

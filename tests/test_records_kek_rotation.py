@@ -5,20 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
 from sqlalchemy import select
 
-from broker.app import create_app
 from broker.crypto.datakeys import RecordUnreadable, unwrap_data_key
 from broker.crypto.keystore import (
     RETIRED_DIR,
@@ -30,9 +26,16 @@ from broker.crypto.keystore import (
 from broker.crypto.payload import open_payload
 from broker.models import Disclosure, Subject
 from broker.runtime import Runtime
-from broker.settings import Settings
 from broker.subjects.rewrap import rewrap_data_keys
-from tests.support import BASE_URL, Story, World, consent_body, queued_entries, story_one
+from tests.support import (
+    Story,
+    World,
+    broker_process,
+    consent_body,
+    queued_entries,
+    runtime_of,
+    story_one,
+)
 
 BIN = Path(sys.executable).parent
 RECORD = {"intake_date": "2024-03-02", "bed_status": "assigned"}
@@ -57,22 +60,13 @@ async def _deposit_and_grant(world: World) -> Story:
     return s
 
 
-@asynccontextmanager
-async def _restarted(settings: Settings, key_dir: Path) -> AsyncIterator[FastAPI]:
-    """A fresh app on the same database with the keys now in ``key_dir``: a restart."""
-    app = create_app(settings.model_copy(update={"key_dir": key_dir}))
-    async with app.router.lifespan_context(app):
-        yield app
-
-
-async def _disclose(app: FastAPI, token: str, s: Story) -> dict[str, Any]:
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
-        resp = await http.post(
-            "/v1/disclosures", json=ASK, headers={"Authorization": f"Bearer {token}"}
-        )
-        assert resp.status_code == 200, resp.text
-        jwks = (await http.get("/.well-known/jwks.json")).json()
+async def _disclose(http: httpx.AsyncClient, token: str, s: Story) -> dict[str, Any]:
+    """A disclosure from the process ``http`` talks to, opened by the police."""
+    resp = await http.post(
+        "/v1/disclosures", json=ASK, headers={"Authorization": f"Bearer {token}"}
+    )
+    assert resp.status_code == 200, resp.text
+    jwks = (await http.get("/.well-known/jwks.json")).json()
     claims = open_payload(resp.json()["payload"], s.police.enc_private, jwks)
     data: dict[str, Any] = claims["data"]
     return data
@@ -85,33 +79,30 @@ async def _wrapped_keys(rt: Runtime) -> dict[str, bytes]:
 
 
 async def test_held_records_stay_readable_through_rotation_rewrap_and_forgetting(
-    world: World, tmp_path: Path
+    world: World, key_copy: Path
 ) -> None:
     s = await _deposit_and_grant(world)
     token = await s.officer.token()
-    assert await _disclose(world.app, token, s) == RECORD
+    assert await _disclose(world.http, token, s) == RECORD
     old_kek = world.rt.keys.records_kek
-    keys = tmp_path / "keys"
-    shutil.copytree(world.rt.settings.key_dir, keys)  # the session's folder stays as it is
+    keys = key_copy  # the session's folder stays as it is
 
     old_id, new_id = rotate_records_kek(keys)
     assert old_id == records_kek_id(old_kek) and new_id != old_id
     retired = keys / RETIRED_DIR / f"records-kek.{old_id}.key"
     assert retired.stat().st_mode & 0o777 == 0o600
 
-    async with _restarted(world.rt.settings, keys) as app:
-        rt: Runtime = app.state.runtime
+    async with broker_process(world, keys) as (app, http):
+        rt = runtime_of(app)
         assert rt.keys.records_keks == (rt.keys.records_kek, old_kek)
         # Before the rewrap the survivor's key is still under the retired key.
-        assert await _disclose(app, token, s) == RECORD
+        assert await _disclose(http, token, s) == RECORD
         # A survivor enrolled after the restart gets a key under the new one.
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
-            advocate_token = await s.advocate.token()
-            made = await http.post(
-                "/v1/subjects", json={}, headers={"Authorization": f"Bearer {advocate_token}"}
-            )
-            assert made.status_code == 201, made.text
+        advocate_token = await s.advocate.token()
+        made = await http.post(
+            "/v1/subjects", json={}, headers={"Authorization": f"Bearer {advocate_token}"}
+        )
+        assert made.status_code == 201, made.text
         before = await _wrapped_keys(rt)
         report = await rewrap_data_keys(rt.sessionmaker, rt.keys.records_keks)
         assert (report.checked, report.rewrapped, report.already_current) == (2, 1, 1)
@@ -136,20 +127,18 @@ async def test_held_records_stay_readable_through_rotation_rewrap_and_forgetting
     assert forget_retired_records_keks(keys) == [old_id]
     assert not retired.exists()
     assert BrokerKeys.load(keys).retired_records_keks == ()
-    async with _restarted(world.rt.settings, keys) as app:
-        assert await _disclose(app, token, s) == RECORD
+    async with broker_process(world, keys) as (app, http):
+        assert await _disclose(http, token, s) == RECORD
         # A new deposit is sealed under the same data key, through the new records key.
         depositor = await world.client(s.shelter.id, "agency", "second case system")
         deposit_token = await depositor.token()
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
-            r = await http.post(
-                "/v1/records",
-                json={"subject_ref": "HH-2024-0042", "category": "shelter", "record": RECORD},
-                headers={"Authorization": f"Bearer {deposit_token}"},
-            )
-            assert r.status_code == 201, r.text
-        assert await _disclose(app, token, s) == RECORD
+        r = await http.post(
+            "/v1/records",
+            json={"subject_ref": "HH-2024-0042", "category": "shelter", "record": RECORD},
+            headers={"Authorization": f"Bearer {deposit_token}"},
+        )
+        assert r.status_code == 201, r.text
+        assert await _disclose(http, token, s) == RECORD
 
 
 async def test_a_key_no_records_key_opens_is_counted_not_touched(world: World) -> None:
@@ -163,15 +152,14 @@ async def test_a_key_no_records_key_opens_is_counted_not_touched(world: World) -
     unwrap_data_key(rt.keys.records_kek, (await _wrapped_keys(rt))[s.subject_id])
 
 
-async def test_concurrent_rewraps_write_each_key_once(world: World, tmp_path: Path) -> None:
+async def test_concurrent_rewraps_write_each_key_once(world: World, key_copy: Path) -> None:
     s = await story_one(world)
     for _ in range(11):
         await world.subject(s.advocate)
-    keys = tmp_path / "keys"
-    shutil.copytree(world.rt.settings.key_dir, keys)
+    keys = key_copy
     rotate_records_kek(keys)
-    async with _restarted(world.rt.settings, keys) as app:
-        rt: Runtime = app.state.runtime
+    async with broker_process(world, keys) as (app, http):
+        rt = runtime_of(app)
         a, b = await asyncio.gather(
             rewrap_data_keys(rt.sessionmaker, rt.keys.records_keks, batch=3),
             rewrap_data_keys(rt.sessionmaker, rt.keys.records_keks, batch=5),
@@ -219,98 +207,88 @@ def test_rotate_and_rewrap_from_the_shell(tmp_path: Path, database_url: str) -> 
 
 
 async def test_a_running_process_takes_the_rotated_records_key_from_its_folder(
-    world: World, tmp_path: Path
+    world: World, key_copy: Path
 ) -> None:
     """No restart: the rotation, the rewrap and the forgetting all happen while one
     process serves, and it enrols, deposits and discloses throughout."""
     s = await _deposit_and_grant(world)
     token = await s.officer.token()
     advocate_token = await s.advocate.token()
-    keys = tmp_path / "keys"
-    shutil.copytree(world.rt.settings.key_dir, keys)
-    async with _restarted(world.rt.settings, keys) as app:
-        rt: Runtime = app.state.runtime
+    keys = key_copy
+    async with broker_process(world, keys) as (app, http):
+        rt = runtime_of(app)
         old_kek = rt.keys.records_kek
-        transport = httpx.ASGITransport(app=app)
         auth = {"Authorization": f"Bearer {advocate_token}"}
-        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
-            assert (await http.post("/v1/subjects", json={}, headers=auth)).status_code == 201
-            rotate_records_kek(keys)  # while this process runs with the old key
-            made = await http.post("/v1/subjects", json={}, headers=auth)
-            assert made.status_code == 201, made.text
+        assert (await http.post("/v1/subjects", json={}, headers=auth)).status_code == 201
+        rotate_records_kek(keys)  # while this process runs with the old key
+        made = await http.post("/v1/subjects", json={}, headers=auth)
+        assert made.status_code == 201, made.text
         assert rt.keys.records_kek != old_kek and rt.keys.retired_records_keks == (old_kek,)
         wrapped = (await _wrapped_keys(rt))[made.json()["subject_id"]]
         unwrap_data_key(rt.keys.records_kek, wrapped)  # under the new key
-        assert await _disclose(app, token, s) == RECORD  # her key is still under the old one
+        assert await _disclose(http, token, s) == RECORD  # her key is still under the old one
         report = await rewrap_data_keys(rt.sessionmaker, BrokerKeys.load(keys).records_keks)
         assert report.rewrapped == 2
         assert forget_retired_records_keks(keys)
-        assert await _disclose(app, token, s) == RECORD
+        assert await _disclose(http, token, s) == RECORD
 
 
 async def test_a_data_key_no_key_held_opens_sends_the_process_to_its_folder(
-    world: World, tmp_path: Path
+    world: World, key_copy: Path
 ) -> None:
     """Rotated, rewrapped and forgotten while this process did nothing with records keys:
     it holds only the old key, and the first disclosure and deposit fetch the new one."""
     s = await _deposit_and_grant(world)
     token = await s.officer.token()
-    keys = tmp_path / "keys"
-    shutil.copytree(world.rt.settings.key_dir, keys)
-    async with _restarted(world.rt.settings, keys) as app:
-        rt: Runtime = app.state.runtime
+    keys = key_copy
+    async with broker_process(world, keys) as (app, http):
+        rt = runtime_of(app)
         old_kek = rt.keys.records_kek
         rotate_records_kek(keys)
         await rewrap_data_keys(rt.sessionmaker, BrokerKeys.load(keys).records_keks)
         forget_retired_records_keks(keys)
         assert rt.keys.records_keks == (old_kek,)  # nothing asked for a key yet
-        assert await _disclose(app, token, s) == RECORD
+        assert await _disclose(http, token, s) == RECORD
         assert rt.keys.records_kek != old_kek and rt.keys.retired_records_keks == ()
         depositor = await world.client(s.shelter.id, "agency", "second case system")
         deposit_token = await depositor.token()
         rotate_records_kek(keys)
         await rewrap_data_keys(rt.sessionmaker, BrokerKeys.load(keys).records_keks)
         forget_retired_records_keks(keys)
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
-            stored = await http.post(
-                "/v1/records",
-                json={"subject_ref": "HH-2024-0042", "category": "shelter", "record": RECORD},
-                headers={"Authorization": f"Bearer {deposit_token}"},
-            )
+        stored = await http.post(
+            "/v1/records",
+            json={"subject_ref": "HH-2024-0042", "category": "shelter", "record": RECORD},
+            headers={"Authorization": f"Bearer {deposit_token}"},
+        )
         assert stored.status_code == 201, stored.text
-        assert await _disclose(app, token, s) == RECORD
+        assert await _disclose(http, token, s) == RECORD
 
 
-async def test_an_unreadable_records_key_file_stops_enrolment(world: World, tmp_path: Path) -> None:
+async def test_an_unreadable_records_key_file_stops_enrolment(world: World, key_copy: Path) -> None:
     s = await story_one(world)
     advocate_token = await s.advocate.token()
-    keys = tmp_path / "keys"
-    shutil.copytree(world.rt.settings.key_dir, keys)
-    async with _restarted(world.rt.settings, keys) as app:
+    keys = key_copy
+    async with broker_process(world, keys) as (app, http):
         (keys / "records-kek.key").chmod(0o644)  # now refused as group/world readable
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
-            refused = await http.post(
-                "/v1/subjects", json={}, headers={"Authorization": f"Bearer {advocate_token}"}
-            )
+        refused = await http.post(
+            "/v1/subjects", json={}, headers={"Authorization": f"Bearer {advocate_token}"}
+        )
         assert refused.status_code == 503, refused.text
         assert "0644" not in refused.text and str(keys) not in refused.text
 
 
 async def test_a_process_whose_key_was_forgotten_says_unavailable_not_no_record(
-    world: World, tmp_path: Path
+    world: World, key_copy: Path
 ) -> None:
     """The rotation's steps done out of order: the stored keys were rewrapped while this
     process still runs with the old key only. Its answers must not say "no record"
     (an agency would act on that) nor be a 500; the failure is in the ledger."""
     s = await _deposit_and_grant(world)
     token = await s.officer.token()
-    keys = tmp_path / "keys"
-    shutil.copytree(world.rt.settings.key_dir, keys)
+    keys = key_copy
     rotate_records_kek(keys)
-    async with _restarted(world.rt.settings, keys) as app:
-        rt: Runtime = app.state.runtime
+    async with broker_process(world, keys) as (app, http):
+        rt = runtime_of(app)
         await rewrap_data_keys(rt.sessionmaker, rt.keys.records_keks)
     # world.app is the stale process: it holds only the old key.
     asked = await s.officer.post("/v1/disclosures", json=ASK)
@@ -331,5 +309,5 @@ async def test_a_process_whose_key_was_forgotten_says_unavailable_not_no_record(
     assert stored.status_code == 503, stored.text
     assert "nothing was stored" in stored.json()["detail"]
     # The process that holds the new key serves both.
-    async with _restarted(world.rt.settings, keys) as app:
-        assert await _disclose(app, token, s) == RECORD
+    async with broker_process(world, keys) as (app, http):
+        assert await _disclose(http, token, s) == RECORD
