@@ -187,6 +187,23 @@ async def story_one(world: World, **shelter_kwargs: Any) -> Story:
     return Story(shelter, police, advocate, officer, subject_id, "PD-24-0193")
 
 
+HELD_RECORD = {"intake_date": "2024-03-02", "bed_status": "assigned"}
+
+
+async def story_with_held_record(world: World) -> Story:
+    """Story 1 with Harbor House's record deposited and M.'s grant to the DV Unit in force."""
+    s = await story_one(world)
+    depositor = await world.client(s.shelter.id, "agency", "shelter case system")
+    deposit = {"subject_ref": "HH-2024-0042", "category": "shelter", "record": HELD_RECORD}
+    r = await depositor.post("/v1/records", json=deposit)
+    assert r.status_code == 201, r.text
+    terms = consent_body(
+        subject_id=s.subject_id, source_agency_ids=[s.shelter.id], recipient_agency_id=s.police.id
+    )
+    await world.grant(s.advocate, **terms)
+    return s
+
+
 async def queued_entries(rt: Runtime, entry_type: str) -> list[dict[str, Any]]:
     """Bodies of the ledger entries of ``entry_type`` still in the outbox (tests run no
     sequencer), oldest first."""

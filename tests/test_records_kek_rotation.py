@@ -28,36 +28,19 @@ from broker.models import Disclosure, Subject
 from broker.runtime import Runtime
 from broker.subjects.rewrap import rewrap_data_keys
 from tests.support import (
+    HELD_RECORD,
     Story,
     World,
     broker_process,
-    consent_body,
     queued_entries,
     runtime_of,
     story_one,
+    story_with_held_record,
 )
 
 BIN = Path(sys.executable).parent
-RECORD = {"intake_date": "2024-03-02", "bed_status": "assigned"}
+RECORD = HELD_RECORD  # what the story's shelter deposited
 ASK = {"subject_ref": "PD-24-0193", "category": "shelter", "purpose": "safety_planning"}
-
-
-async def _deposit_and_grant(world: World) -> Story:
-    s = await story_one(world)
-    depositor = await world.client(s.shelter.id, "agency", "shelter case system")
-    r = await depositor.post(
-        "/v1/records", json={"subject_ref": "HH-2024-0042", "category": "shelter", "record": RECORD}
-    )
-    assert r.status_code == 201, r.text
-    await world.grant(
-        s.advocate,
-        **consent_body(
-            subject_id=s.subject_id,
-            source_agency_ids=[s.shelter.id],
-            recipient_agency_id=s.police.id,
-        ),
-    )
-    return s
 
 
 async def _disclose(http: httpx.AsyncClient, token: str, s: Story) -> dict[str, Any]:
@@ -81,7 +64,7 @@ async def _wrapped_keys(rt: Runtime) -> dict[str, bytes]:
 async def test_held_records_stay_readable_through_rotation_rewrap_and_forgetting(
     world: World, key_copy: Path
 ) -> None:
-    s = await _deposit_and_grant(world)
+    s = await story_with_held_record(world)
     token = await s.officer.token()
     assert await _disclose(world.http, token, s) == RECORD
     old_kek = world.rt.keys.records_kek
@@ -142,7 +125,7 @@ async def test_held_records_stay_readable_through_rotation_rewrap_and_forgetting
 
 
 async def test_a_key_no_records_key_opens_is_counted_not_touched(world: World) -> None:
-    s = await _deposit_and_grant(world)
+    s = await story_with_held_record(world)
     rt = world.rt
     stranger = os.urandom(32)  # as if the key that wrapped it were lost
     report = await rewrap_data_keys(rt.sessionmaker, (stranger,))
@@ -211,7 +194,7 @@ async def test_a_running_process_takes_the_rotated_records_key_from_its_folder(
 ) -> None:
     """No restart: the rotation, the rewrap and the forgetting all happen while one
     process serves, and it enrols, deposits and discloses throughout."""
-    s = await _deposit_and_grant(world)
+    s = await story_with_held_record(world)
     token = await s.officer.token()
     advocate_token = await s.advocate.token()
     keys = key_copy
@@ -238,7 +221,7 @@ async def test_a_data_key_no_key_held_opens_sends_the_process_to_its_folder(
 ) -> None:
     """Rotated, rewrapped and forgotten while this process did nothing with records keys:
     it holds only the old key, and the first disclosure and deposit fetch the new one."""
-    s = await _deposit_and_grant(world)
+    s = await story_with_held_record(world)
     token = await s.officer.token()
     keys = key_copy
     async with broker_process(world, keys) as (app, http):
@@ -283,7 +266,7 @@ async def test_a_process_whose_key_was_forgotten_says_unavailable_not_no_record(
     """The rotation's steps done out of order: the stored keys were rewrapped while this
     process still runs with the old key only. Its answers must not say "no record"
     (an agency would act on that) nor be a 500; the failure is in the ledger."""
-    s = await _deposit_and_grant(world)
+    s = await story_with_held_record(world)
     token = await s.officer.token()
     keys = key_copy
     rotate_records_kek(keys)

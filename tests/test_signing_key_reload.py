@@ -27,30 +27,14 @@ from broker.crypto.payload import PayloadInvalid, open_payload
 from broker.workers import reload_keys
 from tests.servers import bootstrap_admin, broker_env, brokers, client_at, free_port, run_cli
 from tests.support import (
-    Story,
     World,
     broker_process,
-    consent_body,
     runtime_of,
     same_client,
-    story_one,
+    story_with_held_record,
 )
 
 ASK = {"subject_ref": "PD-24-0193", "category": "shelter", "purpose": "safety_planning"}
-RECORD = {"intake_date": "2024-03-02", "bed_status": "assigned"}
-
-
-async def _story(world: World) -> Story:
-    s = await story_one(world)
-    depositor = await world.client(s.shelter.id, "agency", "shelter case system")
-    deposit = {"subject_ref": "HH-2024-0042", "category": "shelter", "record": RECORD}
-    r = await depositor.post("/v1/records", json=deposit)
-    assert r.status_code == 201, r.text
-    terms = consent_body(
-        subject_id=s.subject_id, source_agency_ids=[s.shelter.id], recipient_agency_id=s.police.id
-    )
-    await world.grant(s.advocate, **terms)
-    return s
 
 
 def _kid(token: str) -> str:
@@ -70,7 +54,7 @@ async def _disclose(http: httpx.AsyncClient, token: str) -> httpx.Response:
 async def test_a_running_process_signs_with_rotated_keys_and_still_trusts_the_old(
     world: World, key_copy: Path
 ) -> None:
-    s = await _story(world)
+    s = await story_with_held_record(world)
     async with broker_process(world, key_copy) as (app, http):
         rt = runtime_of(app)
         officer = same_client(s.officer, http)
@@ -103,7 +87,7 @@ async def test_a_running_process_signs_with_rotated_keys_and_still_trusts_the_ol
 async def test_another_process_takes_a_new_token_key_when_a_token_names_it(
     world: World, key_copy: Path
 ) -> None:
-    s = await _story(world)
+    s = await story_with_held_record(world)
     async with (
         broker_process(world, key_copy) as (one, http_one),
         broker_process(world, key_copy) as (two, http_two),
@@ -136,7 +120,7 @@ async def test_a_deleted_retired_token_key_stops_vouching_for_cached_tokens(
     """After a compromise the README says to delete the retired key's file: what it
     signed is refused once the process reads the folder, even a token it verified
     (and cached) before."""
-    s = await _story(world)
+    s = await story_with_held_record(world)
     async with broker_process(world, key_copy) as (app, http):
         rt = runtime_of(app)
         token = await same_client(s.officer, http).fetch_token()
@@ -154,7 +138,7 @@ async def test_a_deleted_retired_token_key_stops_vouching_for_cached_tokens(
 async def test_a_folder_read_half_way_keeps_the_keys_held(
     world: World, key_copy: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    s = await _story(world)
+    s = await story_with_held_record(world)
     async with broker_process(world, key_copy) as (app, http):
         rt = runtime_of(app)
         held = rt.keys

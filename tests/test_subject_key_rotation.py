@@ -12,37 +12,22 @@ from broker.crypto.keystore import BrokerKeys, rotate_subject_hmac, subject_hmac
 from broker.ledger.sequencer import integrate_until_empty
 from broker.workers import reload_keys
 from tests.support import (
-    Story,
     World,
     broker_process,
-    consent_body,
     queued_entries,
     runtime_of,
     same_client,
-    story_one,
+    story_with_held_record,
 )
 from tests.test_records_kek_rotation import shell
 
 ASK = {"subject_ref": "PD-24-0193", "category": "shelter", "purpose": "safety_planning"}
 
 
-async def _story(world: World) -> Story:
-    s = await story_one(world)
-    depositor = await world.client(s.shelter.id, "agency", "shelter case system")
-    record = {"intake_date": "2024-03-02", "bed_status": "assigned"}
-    deposit = {"subject_ref": "HH-2024-0042", "category": "shelter", "record": record}
-    assert (await depositor.post("/v1/records", json=deposit)).status_code == 201
-    terms = consent_body(
-        subject_id=s.subject_id, source_agency_ids=[s.shelter.id], recipient_agency_id=s.police.id
-    )
-    await world.grant(s.advocate, **terms)
-    return s
-
-
 async def test_a_survivors_entries_are_found_across_a_rotation(
     world: World, key_copy: Path
 ) -> None:
-    s = await _story(world)
+    s = await story_with_held_record(world)
     oversight = await world.agency("State DV Oversight Board", "oversight")
     auditor = await world.client(oversight.id, "auditor", "oversight auditor")
     old_key = BrokerKeys.load(key_copy).subject_hmac
