@@ -13,10 +13,9 @@ from broker.crypto.datakeys import RecordUnreadable, decrypt_record, record_aad,
 from broker.crypto.keystore import records_kek_id
 from broker.models import HeldRecord, Subject
 from broker.subjects.rekey import RekeyReport, lock_data_key, rekey_held_records, rekey_survivor
-from tests.support import World, queued_entries, story_one
+from tests.support import World, queued_entries, story_one, story_with_held_record
 from tests.test_records_kek_rotation import (
     RECORD,
-    _deposit_and_grant,
     _disclose,
     _wrapped_keys,
     shell,
@@ -33,7 +32,7 @@ async def _held(world: World, subject_id: str) -> HeldRecord:
 async def test_rekeyed_records_stay_readable_and_the_old_data_key_opens_nothing(
     world: World,
 ) -> None:
-    s = await _deposit_and_grant(world)
+    s = await story_with_held_record(world)
     rt = world.rt
     others = [await world.subject(s.advocate) for _ in range(3)]  # no records: new keys only
     before = await _wrapped_keys(rt)
@@ -69,12 +68,12 @@ async def test_rekeyed_records_stay_readable_and_the_old_data_key_opens_nothing(
     with pytest.raises(RecordUnreadable):
         decrypt_record(old_key, held.ciphertext, record_aad(s.subject_id, s.shelter.id, "shelter"))
     token = await s.officer.token()
-    assert await _disclose(world.app, token, s) == RECORD
+    assert await _disclose(world.http, token, s) == RECORD
     assert len(others) == 3
 
 
 async def test_a_survivor_with_a_damaged_record_is_left_as_she_was(world: World) -> None:
-    s = await _deposit_and_grant(world)
+    s = await story_with_held_record(world)
     rt = world.rt
     held = await _held(world, s.subject_id)
     damaged = held.ciphertext[:-1] + bytes([held.ciphertext[-1] ^ 1])
@@ -110,7 +109,7 @@ async def test_erased_survivors_are_not_rekeyed(world: World) -> None:
 
 
 async def test_a_deposit_waits_for_a_rekey_of_the_same_survivor(world: World) -> None:
-    s = await _deposit_and_grant(world)
+    s = await story_with_held_record(world)
     rt = world.rt
     depositor = await world.client(s.shelter.id, "agency", "second case system")
     newer = {"intake_date": "2024-03-09", "bed_status": "waitlisted"}
@@ -131,7 +130,7 @@ async def test_a_deposit_waits_for_a_rekey_of_the_same_survivor(world: World) ->
     resp = await asyncio.wait_for(deposit, timeout=30)
     assert resp.status_code == 201, resp.text
     token = await s.officer.token()
-    assert await _disclose(world.app, token, s) == newer
+    assert await _disclose(world.http, token, s) == newer
 
 
 def test_rekey_from_the_shell(tmp_path: Path, database_url: str) -> None:
