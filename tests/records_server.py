@@ -31,7 +31,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, Self
 
 import uvicorn
 from jwcrypto import jwk, jws
@@ -202,7 +202,7 @@ class RecordsServer:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self, timeout: float = 5.0) -> RecordsServer:
+    def start(self, timeout: float = 5.0) -> Self:
         """Bind a free port, serve in a daemon thread and return once uvicorn accepts."""
         if self._thread is not None:
             raise RuntimeError("already started")

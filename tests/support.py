@@ -13,6 +13,8 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 from joserfc.jwk import ECKey, OKPKey
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import QueuePool
 
 from broker.agencies.service import issue_operator_client
 from broker.auth.roles import Role
@@ -57,6 +59,13 @@ def attestation(method: str = "written") -> dict[str, Any]:
 
 def in_days(days: float) -> str:
     return (datetime.now(UTC) + timedelta(days=days)).isoformat()
+
+
+def checked_out(engine: AsyncEngine) -> int:
+    """Connections of ``engine``'s pool in use now (the broker's engines use a QueuePool)."""
+    pool = engine.sync_engine.pool
+    assert isinstance(pool, QueuePool), type(pool)
+    return pool.checkedout()
 
 
 @dataclass

@@ -33,6 +33,7 @@ from tests.support import (
     World,
     attestation,
     broker_process,
+    checked_out,
     consent_body,
     in_days,
     runtime_of,
@@ -99,7 +100,8 @@ async def test_both_ways_in_disclose_alike(world: World, content_type: str) -> N
     """An application/json body is served before FastAPI routes it; FastAPI's documented
     route serves other JSON types. Same answer, same records, same errors either way."""
     # Outermost first: the body limit and security headers wrap the fast path too.
-    assert [m.cls for m in world.app.user_middleware] == [BodyLimitMiddleware, DisclosureFastPath]
+    middleware: list[object] = [m.cls for m in world.app.user_middleware]
+    assert middleware == [BodyLimitMiddleware, DisclosureFastPath]
     assert world.app.router.dependencies == []  # none the fast path would skip
     s, grant = await _setup(world)
     headers = {"Content-Type": content_type}
@@ -115,7 +117,7 @@ async def test_both_ways_in_disclose_alike(world: World, content_type: str) -> N
         row = await session.get(Disclosure, answer["disclosure_id"])
     assert row is not None and row.outcome == "permitted" and row.grant_id == grant["id"]
 
-    bad = orjson.dumps(_ask(fields=["intake_date", 3]))
+    bad = orjson.dumps({**_ask(), "fields": ["intake_date", 3]})
     refused = await s.officer.post("/v1/disclosures", content=bad, headers=headers)
     assert refused.status_code == 422, refused.text
     assert refused.headers["content-type"] == "application/problem+json"
@@ -636,6 +638,7 @@ async def test_erasure_shreds_held_records(world: World) -> None:
     assert (await s.officer.post("/v1/disclosures", json=_ask())).status_code == 200
     async with world.rt.sessionmaker() as session:
         entries_before = await session.scalar(select(func.count()).select_from(LedgerPending))
+    assert entries_before is not None
     erase = await s.advocate.request(
         "DELETE",
         f"/v1/subjects/{s.subject_id}",
@@ -647,9 +650,8 @@ async def test_erasure_shreds_held_records(world: World) -> None:
     await _denied(world, s)
     async with world.rt.sessionmaker() as session:
         assert await session.scalar(select(func.count()).select_from(HeldRecord)) == 0
-        assert (
-            await session.scalar(select(func.count()).select_from(LedgerPending)) > entries_before
-        )
+        pending = await session.scalar(select(func.count()).select_from(LedgerPending))
+        assert pending is not None and pending > entries_before
         head = await session.get(ConsentGrant, grant["id"])
         assert head is not None and head.subject_id is None
 
@@ -685,4 +687,4 @@ async def test_caller_standing_is_checked_before_anything_is_recorded(
         head = await session.get(ConsentGrant, grant["id"])
         assert head is not None and head.uses == 1
     # The refusal handed its connection back to the pool (PostgreSQL: a pooled driver).
-    assert world.rt.autocommit_engine.sync_engine.pool.checkedout() == 0
+    assert checked_out(world.rt.autocommit_engine) == 0

@@ -27,6 +27,7 @@ from broker.hot_sql import HotStatement, OutcomeUnknown, PooledDriver, session_d
 from broker.models import Disclosure
 from broker.runtime import Runtime, build_runtime
 from tests.conftest import PG_ADMIN_DSN
+from tests.support import checked_out
 from tests.test_faults import _terminate_backends
 
 _ROW = HotStatement(
@@ -338,37 +339,37 @@ async def test_pool_sizes_come_from_settings(world: object) -> None:
 async def test_a_pooled_driver_hands_its_connection_back(world: object) -> None:
     """A connection is taken at the first statement and returned by ``commit()``."""
     rt = _rt(world)
-    pool = rt.autocommit_engine.sync_engine.pool
-    before = pool.checkedout()
+    engine = rt.autocommit_engine
+    before = checked_out(engine)
     db = PooledDriver(rt.autocommit_engine)
     assert await _ROW.rows(db, {"id": "none"}) == []
-    assert pool.checkedout() == before + 1
+    assert checked_out(engine) == before + 1
     await db.commit()
-    assert pool.checkedout() == before
+    assert checked_out(engine) == before
     assert await _ROW.rows(db, {"id": "none"}) == []  # the next statement takes one again
     await db.reconnect()  # dropped, not pooled
-    assert pool.checkedout() == before
+    assert checked_out(engine) == before
 
 
 @pytest.mark.postgres_only
 async def test_release_soon_hands_the_connection_back_after_this_turn(world: object) -> None:
     """The end of a request schedules the hand-back, so the answer is written first."""
     rt = _rt(world)
-    pool = rt.autocommit_engine.sync_engine.pool
-    before = pool.checkedout()
+    engine = rt.autocommit_engine
+    before = checked_out(engine)
     PooledDriver(rt.autocommit_engine).release_soon()  # never connected: nothing to do
     db = PooledDriver(rt.autocommit_engine)
     assert await _ROW.rows(db, {"id": "none"}) == []
     db.release_soon()
-    assert pool.checkedout() == before + 1  # still out during the request's own turn
+    assert checked_out(engine) == before + 1  # still out during the request's own turn
     for _ in range(50):
-        if pool.checkedout() == before:
+        if checked_out(engine) == before:
             break
         await asyncio.sleep(0)
-    assert pool.checkedout() == before
+    assert checked_out(engine) == before
     assert await _ROW.rows(db, {"id": "none"}) == []  # the driver can take one again
     await db.commit()
-    assert pool.checkedout() == before
+    assert checked_out(engine) == before
 
 
 @pytest.mark.postgres_only

@@ -395,7 +395,7 @@ async def test_every_agency_has_its_registration_entry(world: World) -> None:
             )
         ).all()
     assert world.ops_agency_id in agencies and len(agencies) > 1
-    assert sorted(agency_id for agency_id, _ in rows) == sorted(agencies)
+    assert sorted(str(agency_id) for agency_id, _ in rows) == sorted(agencies)
     ops = next(json.loads(body) for agency_id, body in rows if agency_id == world.ops_agency_id)
     assert ops["actor"] is None and ops["kind"] == "oversight" and ops["key_ids"] == []
 

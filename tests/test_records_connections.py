@@ -66,7 +66,7 @@ async def test_the_broker_client_keeps_to_its_connection_limit(server: RecordsSe
             return response.status_code
 
     async with AgencyClient(max_connections=1, read_timeout=2, connect_timeout=1) as http:
-        assert await asyncio.gather(status(http), status(http)) == [200, 200]
+        assert list(await asyncio.gather(status(http), status(http))) == [200, 200]
     assert len(ports(server)) == 1  # the second waited for the first's connection
     assert server.requests[0]["headers"]["user-agent"] == "consent-broker"
 

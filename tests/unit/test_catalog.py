@@ -332,7 +332,7 @@ def _set(*path: str, value: Any) -> PolicyEdit:
 
 def _append(*path: str, value: Any) -> PolicyEdit:
     def mutate(doc: dict[str, Any]) -> None:
-        node = doc
+        node: Any = doc
         for key in path:
             node = node[key]
         node.append(value)

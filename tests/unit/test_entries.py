@@ -36,7 +36,7 @@ def test_canonical_body_is_rfc8785(body: dict[str, Any]) -> None:
 
 
 def test_typical_entry_takes_the_fast_path_and_matches() -> None:
-    body = {
+    body: dict[str, Any] = {
         "v": 1,
         "type": "disclosure.permitted",
         "fields_disclosed": ["bed_status", "intake_date"],
