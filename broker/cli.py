@@ -1,4 +1,4 @@
-"""The ``broker`` command: serve, migrate, keys, clients, token, demo, ledger."""
+"""The ``broker`` command: serve, migrate, backup, restore, keys, clients, token, demo, ledger."""
 
 from __future__ import annotations
 
@@ -121,6 +121,41 @@ def cmd_migrate(_: argparse.Namespace) -> int:
     settings = _settings()
     upgrade(settings.database_url)
     print(f"database at head: {_redact(settings.database_url)}")
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from broker.backup import backup
+
+    settings = _settings()
+    done = backup(settings, Path(args.dest))
+    print(f"backed up to {done.where} (ledger tree size {done.tree_size})")
+    print(
+        "the backup holds no key: back the key folder up apart from it "
+        f"({settings.key_dir}); together they open the held records",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from broker.backup import RESTORED_ENTRY, restore
+
+    settings = _settings()
+    done = restore(settings, Path(args.source), replace=args.replace)
+    print(f"restored into {done.where} (ledger tree size {done.tree_size})")
+    for path in done.moved_aside:
+        print(f"moved aside: {path}", file=sys.stderr)
+    if done.migrated:
+        print("the backup's schema was older: brought to this release's", file=sys.stderr)
+    print(
+        f"queued a {RESTORED_ENTRY} ledger entry. Entries integrated after the backup are "
+        "gone: tell auditors the ledger went back to this tree size, since a checkpoint "
+        "they hold from after the backup no longer matches. Serve it with a key folder "
+        "holding the keys of the backup's time: after `broker keys rewrap-records "
+        "--forget-retired`, only a folder (backup) from before that opens its held records.",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -460,6 +495,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("migrate", help="bring the database schema to head (alembic)")
     m.set_defaults(func=cmd_migrate)
+
+    b = sub.add_parser(
+        "backup",
+        help="a consistent copy of the database, safe while serving (SQLite: online backup; "
+        "PostgreSQL: pg_dump); never overwrites, holds no key",
+    )
+    b.add_argument("dest", help="the backup file to write (must not exist)")
+    b.set_defaults(func=cmd_backup)
+    r = sub.add_parser(
+        "restore",
+        help="put a backup back (PostgreSQL: into an empty database; SQLite: the broker "
+        "stopped), bring its schema up, and record the restore in the ledger",
+    )
+    r.add_argument("source", help="a file `broker backup` wrote")
+    r.add_argument(
+        "--replace",
+        action="store_true",
+        help="SQLite: rename the database there (and its -wal, -shm) aside first",
+    )
+    r.set_defaults(func=cmd_restore)
 
     k = sub.add_parser("keys", help="key management").add_subparsers(dest="keys_cmd", required=True)
     ki = k.add_parser("init", help="create the broker's own keys in BROKER_KEY_DIR")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import shutil
 import uuid
@@ -108,8 +109,16 @@ async def database_url(
         yield f"sqlite+aiosqlite:///{path}"
         return
     template_name: str = request.getfixturevalue("pg_template")
-    name = f"broker_t_{uuid.uuid4().hex[:12]}"
-    await _pg_exec(f'CREATE DATABASE "{name}" TEMPLATE "{template_name}"')
+    async with pg_database("broker_t", template_name) as url:
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def pg_database(prefix: str, template: str | None = None) -> AsyncIterator[str]:
+    """A new PostgreSQL database (a copy of ``template``, or empty), dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    copy_of = f' TEMPLATE "{template}"' if template else ""
+    await _pg_exec(f'CREATE DATABASE "{name}"{copy_of}')
     try:
         yield _pg_url(name)
     finally:
@@ -173,10 +182,13 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """``postgres_only`` tests are not collected for SQLite at all (deselected, not skipped)."""
+    """``postgres_only`` tests are not collected for SQLite at all, nor ``sqlite_only`` ones
+    for PostgreSQL (deselected, not skipped)."""
     keep, drop = [], []
     for item in items:
-        if item.get_closest_marker("postgres_only") and "[sqlite" in item.nodeid:
+        if (item.get_closest_marker("postgres_only") and "[sqlite" in item.nodeid) or (
+            item.get_closest_marker("sqlite_only") and "[postgresql" in item.nodeid
+        ):
             drop.append(item)
         else:
             keep.append(item)
