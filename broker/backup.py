@@ -39,7 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.db import make_engine, make_sessionmaker
 from broker.ledger.entries import record_operation
-from broker.models import LedgerEntry
+from broker.models import ConsentVersion, LedgerEntry
 from broker.schema_version import SchemaBehind, check_schema
 from broker.settings import Settings
 
@@ -64,6 +64,9 @@ class Copied:
     #: Restore only: files moved aside by ``--replace``, and whether ``broker migrate`` ran.
     moved_aside: tuple[Path, ...] = ()
     migrated: bool = False
+    #: Restore only: when the newest consent change the backup holds was recorded.
+    #: Revocations and pauses recorded after it are not in the restored database.
+    newest_consent_change: datetime | None = None
 
 
 def backup(settings: Settings, dest: Path) -> Copied:
@@ -110,14 +113,14 @@ def restore(settings: Settings, source: Path, *, replace: bool = False) -> Copie
         asyncio.run(_require_empty(settings.database_url))
         _pg_restore(settings.database_url, source)
     try:
-        migrated, tree = asyncio.run(_after_restore(settings.database_url, digest))
+        migrated, tree, newest = asyncio.run(_after_restore(settings.database_url, digest))
     except Exception as exc:  # the data is back; say what is left to do
         raise BackupError(
             f"the backup was restored, but bringing it up to date failed ({exc}); run "
             f"`broker migrate`, and tell auditors of the restore: no {RESTORED_ENTRY} "
             "entry was written"
         ) from exc
-    return Copied(_hide_password(settings.database_url), tree, moved, migrated)
+    return Copied(_hide_password(settings.database_url), tree, moved, migrated, newest)
 
 
 def _sha256(path: Path) -> str:
@@ -184,7 +187,7 @@ def _sqlite_copy(source: Path, dest: Path, *, what: str) -> int:
         finally:
             src.close()
     except sqlite3.DatabaseError as exc:
-        raise BackupError(f"the {what} at {source} could not be read: {exc}") from None
+        raise BackupError(f"copying the {what} at {source} failed: {exc}") from None
 
 
 def _checked(db: sqlite3.Connection, what: str) -> int:
@@ -336,9 +339,12 @@ async def _tree_of(engine: AsyncEngine) -> int:
     return 0 if last is None else int(last) + 1
 
 
-async def _after_restore(database_url: str, backup_sha256: str) -> tuple[bool, int]:
+async def _after_restore(
+    database_url: str, backup_sha256: str
+) -> tuple[bool, int, datetime | None]:
     """Bring the schema up if the backup is older than this release, then queue the
-    ``ledger.restored`` entry; (whether ``broker migrate`` ran, the tree size)."""
+    ``ledger.restored`` entry; (whether ``broker migrate`` ran, the tree size, the time
+    of the newest consent change restored)."""
     from broker.migrate import upgrade
 
     engine = make_engine(database_url)
@@ -350,8 +356,10 @@ async def _after_restore(database_url: str, backup_sha256: str) -> tuple[bool, i
             await asyncio.to_thread(upgrade, database_url)
             migrated = True
         tree = await _tree_of(engine)
+        async with engine.connect() as conn:
+            newest = await conn.scalar(select(func.max(ConsentVersion.created_at)))
         fields = {"tree_size": tree, "backup_sha256": backup_sha256}
         await record_operation(make_sessionmaker(engine), RESTORED_ENTRY, fields)
     finally:
         await engine.dispose()
-    return migrated, tree
+    return migrated, tree, newest

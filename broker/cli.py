@@ -148,6 +148,16 @@ def cmd_restore(args: argparse.Namespace) -> int:
         print(f"moved aside: {path}", file=sys.stderr)
     if done.migrated:
         print("the backup's schema was older: brought to this release's", file=sys.stderr)
+    if done.newest_consent_change is not None:
+        print(
+            "CONSENT: the newest consent change in this backup was recorded at "
+            f"{done.newest_consent_change.isoformat()}. A revocation or pause recorded "
+            "after it is NOT in the restored database: the consent it ended is in force "
+            "again. Before agencies reach this broker, have advocates record again every "
+            "consent change made since (their notes, the revocation notices agencies "
+            "received, an auditor's later ledger export list them).",
+            file=sys.stderr,
+        )
     print(
         f"queued a {RESTORED_ENTRY} ledger entry. Entries integrated after the backup are "
         "gone: tell auditors the ledger went back to this tree size, since a checkpoint "

@@ -12,6 +12,7 @@ import asyncio
 import shutil
 import sqlite3
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from broker.db import make_engine
 from broker.ledger.checkpoint_key import CheckpointKeyStale, rotate_checkpoint_key
 from broker.ledger.sequencer import integrate_pending, integrate_until_empty
 from broker.ledger.status import ledger_status
-from broker.models import Disclosure
+from broker.models import ConsentGrant, Disclosure
 from broker.settings import Settings
 from tests.conftest import pg_database
 from tests.ledger_check import check_ledger
@@ -32,6 +33,7 @@ from tests.support import (
     HELD_RECORD,
     Story,
     World,
+    attestation,
     broker_process,
     queued_entries,
     runtime_of,
@@ -81,10 +83,20 @@ async def test_a_restored_backup_serves_what_was_there_at_the_backup(
 
     assert done.tree_size > 0 and file.stat().st_mode & 0o777 == 0o600
     after = await _disclose(s)  # not in the backup: lost by the restore
+    async with world.rt.sessionmaker() as session:
+        grant_id = await session.scalar(
+            select(ConsentGrant.id).where(ConsentGrant.subject_id == s.subject_id)
+        )
+    revoke = {"attestation": attestation("verbal"), "reason": "M. asked by phone to stop."}
+    revoked = await s.advocate.post(f"/v1/consents/{grant_id}/revoke", json=revoke)
+    assert revoked.status_code == 200, revoked.text
     target = world.rt.settings.model_copy(update={"database_url": empty_target})
     restored = await asyncio.to_thread(restore, target, file)
     assert restored.tree_size == done.tree_size and not restored.moved_aside
     assert restored.where.endswith(empty_target.rsplit("/", 1)[1])
+    # What the restore warns of: the revocation is lost, and it is after the time given.
+    assert restored.newest_consent_change is not None
+    assert restored.newest_consent_change < datetime.fromisoformat(revoked.json()["created_at"])
 
     key_dir = world.rt.settings.key_dir
     async with broker_process(world, key_dir, database_url=empty_target) as (app, http):
@@ -96,7 +108,8 @@ async def test_a_restored_backup_serves_what_was_there_at_the_backup(
         assert accounting.status_code == 200, accounting.text
         ids = {item["disclosure_id"] for item in accounting.json()["items"]}
         assert before["disclosure_id"] in ids and after["disclosure_id"] not in ids
-        # The held record still opens with the same keys, and disclosures go on.
+        # The held record still opens with the same keys, and the grant is in force
+        # again: the revocation came after the backup.
         again = await same_client(s.officer, http).post("/v1/disclosures", json=ASK)
         assert again.status_code == 200, again.text
         jwks = (await http.get("/.well-known/jwks.json")).json()
@@ -279,3 +292,23 @@ async def test_a_restore_from_before_a_checkpoint_rotation_hands_over_as_for_a_l
         assert done.old_verifier_key == old_key
         check = await check_ledger(rt, http, same_client(auditor, http))
         assert check.ok, check
+
+
+@pytest.mark.sqlite_only
+async def test_the_shell_restore_warns_of_lost_consent_changes(
+    world: World, tmp_path: Path
+) -> None:
+    s = await story_with_held_record(world)
+    await _disclose(s)
+    file = tmp_path / "broker.backup"
+    made = await asyncio.to_thread(
+        shell(tmp_path, world.rt.settings.database_url), "backup", str(file)
+    )
+    assert made.returncode == 0, made.stderr
+    (tmp_path / "restored").mkdir()
+    elsewhere = shell(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'restored' / 'broker.db'}")
+    restored = await asyncio.to_thread(elsewhere, "restore", str(file))
+    assert restored.returncode == 0, restored.stderr
+    assert restored.stdout.startswith("restored into sqlite+aiosqlite:///")
+    assert "CONSENT: the newest consent change in this backup was recorded at 20" in restored.stderr
+    assert "ledger.restored" in restored.stderr
