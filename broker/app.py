@@ -17,6 +17,7 @@ from broker.auth.endpoints import router as auth_router
 from broker.consent.endpoints import router as consent_router
 from broker.disclosure.endpoints import router as disclosure_router
 from broker.disclosure.fast_path import DisclosureFastPath
+from broker.disclosure.holds import refresh_holds
 from broker.errors import PROBLEM_SCHEMA, install_error_handlers
 from broker.health import router as health_router
 from broker.ledger.endpoints import router as ledger_router
@@ -37,6 +38,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             await check_schema(rt.engine)
+            await refresh_holds(rt)
         except SchemaBehind as exc:
             log.error("not starting: %s", exc)
             await rt.aclose()

@@ -17,7 +17,10 @@ records). After a restore the ledger is what it was at the backup: entries integ
 since are gone, and an auditor holding a later checkpoint will find the tree
 inconsistent with it -- the tamper evidence working as meant. ``restore`` therefore
 queues a ``ledger.restored`` entry with the tree size restored to, so the next signed
-checkpoint says so.
+checkpoint says so. Consent changes made after the backup are lost too, so a grant
+revoked since is in force again: ``restore`` places a disclosure hold
+(``broker.disclosure.holds``), lifted by ``broker disclosures resume`` once advocates
+have recorded those changes again.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.db import make_engine, make_sessionmaker
-from broker.ledger.entries import record_operation
+from broker.disclosure.holds import RESTORED, place_hold
+from broker.ledger.entries import append_operation
 from broker.models import ConsentVersion, LedgerEntry
 from broker.schema_version import SchemaBehind, check_schema
 from broker.settings import Settings
@@ -359,7 +363,9 @@ async def _after_restore(
         async with engine.connect() as conn:
             newest = await conn.scalar(select(func.max(ConsentVersion.created_at)))
         fields = {"tree_size": tree, "backup_sha256": backup_sha256}
-        await record_operation(make_sessionmaker(engine), RESTORED_ENTRY, fields)
+        async with make_sessionmaker(engine)() as session, session.begin():
+            await append_operation(session, RESTORED_ENTRY, fields)
+            await place_hold(session, RESTORED)
     finally:
         await engine.dispose()
     return migrated, tree, newest

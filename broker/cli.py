@@ -1,4 +1,5 @@
-"""The ``broker`` command: serve, migrate, backup, restore, keys, clients, token, demo, ledger."""
+"""The ``broker`` command: serve, migrate, backup, restore, disclosures, keys, clients, token,
+demo, ledger."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from broker.settings import Settings
 
 if TYPE_CHECKING:  # imported where used: the command starts without the whole broker
+    from sqlalchemy.ext.asyncio import AsyncSession
+
     from broker.runtime import Runtime
     from broker.subjects.rewrap import RewrapReport
 
@@ -159,6 +162,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     print(
+        "DISCLOSURES ARE ON HOLD: every disclosure request gets 503 until "
+        "`broker disclosures resume`, once those consent changes are recorded again.",
+        file=sys.stderr,
+    )
+    print(
         f"queued a {RESTORED_ENTRY} ledger entry. Entries integrated after the backup are "
         "gone: tell auditors the ledger went back to this tree size, since a checkpoint "
         "they hold from after the backup no longer matches. Serve it with a key folder "
@@ -167,6 +175,48 @@ def cmd_restore(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+async def _on_database(work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    """``work`` in one transaction on the configured database; no keys needed."""
+    from broker.db import make_engine, make_sessionmaker
+
+    engine = make_engine(_settings().database_url)
+    try:
+        async with make_sessionmaker(engine)() as session, session.begin():
+            return await work(session)
+    finally:
+        await engine.dispose()
+
+
+def cmd_disclosures(args: argparse.Namespace) -> int:
+    from broker.disclosure.holds import (
+        HOLD_INTERVAL_SECONDS,
+        OPERATOR,
+        lift_holds,
+        place_hold,
+        read_holds,
+    )
+
+    wait = f"running brokers follow within {HOLD_INTERVAL_SECONDS:g} s"
+    if args.action == "hold":
+        if asyncio.run(_on_database(lambda s: place_hold(s, OPERATOR))):
+            print(f"disclosures on hold: every request gets 503 ({wait})")
+        else:
+            print("disclosures were already on hold by an operator")
+        return 0
+    if args.action == "resume":
+        lifted = asyncio.run(_on_database(lift_holds))
+        for hold in lifted:
+            print(f"lifted the {hold.reason} hold (since {hold.placed_at.isoformat()})")
+        print(f"disclosures resume ({wait})" if lifted else "no hold was in place")
+        return 0
+    holds = asyncio.run(_on_database(read_holds))
+    for hold in holds:
+        print(f"on hold: {hold.reason} (since {hold.placed_at.isoformat()})")
+    if not holds:
+        print("no hold: disclosures are served")
+    return 1 if holds else 0
 
 
 def _redact(url: str) -> str:
@@ -525,6 +575,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="SQLite: rename the database there (and its -wal, -shm) aside first",
     )
     r.set_defaults(func=cmd_restore)
+
+    h = sub.add_parser(
+        "disclosures",
+        help="hold every disclosure (503) in an incident or after a restore, resume them, "
+        "or show the holds (exit 1 while on hold)",
+    )
+    h.add_argument("action", choices=["hold", "resume", "status"])
+    h.set_defaults(func=cmd_disclosures)
 
     k = sub.add_parser("keys", help="key management").add_subparsers(dest="keys_cmd", required=True)
     ki = k.add_parser("init", help="create the broker's own keys in BROKER_KEY_DIR")

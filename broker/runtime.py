@@ -53,6 +53,9 @@ class Runtime:
     notices_due: asyncio.Event = field(default_factory=asyncio.Event)
     #: When a token naming an unknown key last made this process read its key folder.
     unknown_kid_reload_at: float = float("-inf")
+    #: Reasons disclosures are on hold (``broker.disclosure.holds``); None until read,
+    #: which holds too.
+    disclosure_holds: frozenset[str] | None = None
 
     def reload_secret_keys(self) -> bool:
         """Take the records and subject-commitment keys now in the key folder; True if

@@ -76,6 +76,7 @@ async def reload_keys(rt: Runtime) -> None:
 
 
 def start_workers(rt: Runtime) -> list[asyncio.Task[None]]:
+    from broker.disclosure.holds import HOLD_INTERVAL_SECONDS, refresh_holds
     from broker.disclosure.notices import deliver_due
     from broker.ledger.sequencer import integrate_until_empty
 
@@ -84,6 +85,7 @@ def start_workers(rt: Runtime) -> list[asyncio.Task[None]]:
         ("webhooks", 1.0, lambda: deliver_due(rt), rt.notices_due),
         ("assertion-purge", 60.0, lambda: purge_used_assertions(rt), None),
         ("key-folder", KEY_FOLDER_INTERVAL_SECONDS, lambda: reload_keys(rt), None),
+        ("disclosure-holds", HOLD_INTERVAL_SECONDS, lambda: refresh_holds(rt), None),
         (
             "sequencer",
             rt.settings.sequencer_interval_seconds,

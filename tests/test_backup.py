@@ -22,6 +22,7 @@ from sqlalchemy import func, select, text
 from broker.backup import RESTORED_ENTRY, BackupError, backup, restore
 from broker.crypto.payload import open_payload
 from broker.db import make_engine
+from broker.disclosure.holds import RESTORED, lift_holds, refresh_holds
 from broker.ledger.checkpoint_key import CheckpointKeyStale, rotate_checkpoint_key
 from broker.ledger.sequencer import integrate_pending, integrate_until_empty
 from broker.ledger.status import ledger_status
@@ -108,16 +109,24 @@ async def test_a_restored_backup_serves_what_was_there_at_the_backup(
         assert accounting.status_code == 200, accounting.text
         ids = {item["disclosure_id"] for item in accounting.json()["items"]}
         assert before["disclosure_id"] in ids and after["disclosure_id"] not in ids
-        # The held record still opens with the same keys, and the grant is in force
-        # again: the revocation came after the backup.
-        again = await same_client(s.officer, http).post("/v1/disclosures", json=ASK)
+        # Disclosures are held until an operator resumes them: the revocation came after
+        # the backup, so the grant is in force again in the restored database.
+        officer = same_client(s.officer, http)
+        held = await officer.post("/v1/disclosures", json=ASK)
+        assert held.status_code == 503 and held.json()["type"].endswith("disclosures-held")
+        async with rt.sessionmaker() as session, session.begin():
+            assert [h.reason for h in await lift_holds(session)] == [RESTORED]
+        await refresh_holds(rt)
+        # The held record still opens with the same keys.
+        again = await officer.post("/v1/disclosures", json=ASK)
         assert again.status_code == 200, again.text
         jwks = (await http.get("/.well-known/jwks.json")).json()
         claims = open_payload(again.json()["payload"], s.police.enc_private, jwks)
         assert claims["data"] == HELD_RECORD
         check = await check_ledger(rt, http, same_client(auditor, http))
         assert check.ok, check
-        assert check.entries == done.tree_size + 2  # the restore entry and the disclosure
+        # The restore, the hold, its lifting and the disclosure.
+        assert check.entries == done.tree_size + 4
 
 
 async def test_a_backup_never_overwrites(world: World, tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from broker.common.validation import utc_instant
 from broker.db import SessionDep, driver_session, single_statement_writes
 from broker.disclosure import accounting, audit, records
 from broker.disclosure.denial_timing import answer_on_grid, arrival
+from broker.disclosure.holds import require_no_hold
 from broker.disclosure.schemas import (
     Accounting,
     DenialReport,
@@ -39,6 +40,7 @@ from broker.errors import (
     InvalidRequest,
     NotFound,
     NotPermitted,
+    ServiceUnavailable,
     Unauthenticated,
     UpstreamError,
     UpstreamTimeout,
@@ -65,7 +67,13 @@ async def _caller(request: Request) -> Principal:
     responses={
         200: {"model": DisclosureOut},
         **error_responses(
-            InvalidRequest, Unauthenticated, NotPermitted, NotFound, UpstreamError, UpstreamTimeout
+            InvalidRequest,
+            Unauthenticated,
+            NotPermitted,
+            NotFound,
+            UpstreamError,
+            UpstreamTimeout,
+            ServiceUnavailable,
         ),
     },
     response_model=DisclosureOut,
@@ -92,6 +100,8 @@ async def serve_disclosure(
     started = arrival()
     caller = caller or discloser(request)
     rt = request.app.state.runtime
+    if rt.disclosure_holds is None or rt.disclosure_holds:
+        await require_no_hold(rt)
     quantum = rt.settings.denial_quantum_ms / 1000
     try:
         async with driver_session(request) as session:

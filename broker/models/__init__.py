@@ -3,7 +3,7 @@
 from broker.models.agency import Agency, Client, UsedAssertion
 from broker.models.base import Base
 from broker.models.consent import ConsentGrant, ConsentVersion
-from broker.models.disclosure import Disclosure, WebhookDelivery
+from broker.models.disclosure import Disclosure, DisclosureHold, WebhookDelivery
 from broker.models.ledger import (
     APPEND_ONLY_TABLES,
     LedgerCheckpoint,
@@ -22,6 +22,7 @@ __all__ = [
     "ConsentGrant",
     "ConsentVersion",
     "Disclosure",
+    "DisclosureHold",
     "HeldRecord",
     "LedgerCheckpoint",
     "LedgerEntry",

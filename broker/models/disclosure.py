@@ -66,3 +66,13 @@ class WebhookDelivery(Base):
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class DisclosureHold(Base):
+    """A hold on every disclosure, by reason (``broker.disclosure.holds``): while any
+    row is here, ``POST /v1/disclosures`` answers 503 and nothing is decided."""
+
+    __tablename__ = "disclosure_holds"
+
+    reason: Mapped[str] = mapped_column(String(32), primary_key=True)
+    placed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

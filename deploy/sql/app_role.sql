@@ -31,7 +31,7 @@ GRANT SELECT, INSERT ON consent_versions, ledger_entries, ledger_nodes, ledger_c
 -- Operational tables: rows change (consent heads, outboxes, erasure deletes them).
 GRANT SELECT, INSERT, UPDATE, DELETE ON
     agencies, clients, subjects, subject_references, consent_grants, held_records,
-    disclosures, webhook_deliveries, used_assertions, ledger_pending
+    disclosures, webhook_deliveries, used_assertions, ledger_pending, disclosure_holds
     TO broker_app;
 
 -- Alembic's bookkeeping is read-only for the service.

@@ -1,0 +1,117 @@
+"""Disclosure holds: one switch that stops every disclosure, for an operator.
+
+``broker restore`` places one: consent changes made after the backup are lost, so
+a grant revoked since would be in force again until an advocate records the
+revocation again. ``broker disclosures hold`` places one in an incident: stop
+sharing first, investigate after. While any hold is in place, ``POST
+/v1/disclosures`` answers 503 before anything is decided, fetched or recorded;
+consent changes, deposits, receipts and the ledger go on, so advocates can put
+right what the restore lost. ``broker disclosures resume`` lifts the holds.
+
+Each process reads the holds at start and every ``HOLD_INTERVAL_SECONDS``, so a hold
+placed while it runs is obeyed within that interval. A process that has not read
+them yet (its database was unreachable at start) holds: it fails closed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from broker.errors import ServiceUnavailable
+from broker.ledger.entries import append_operation
+from broker.models import DisclosureHold
+
+if TYPE_CHECKING:
+    from broker.runtime import Runtime
+
+__all__ = [
+    "HOLD_INTERVAL_SECONDS",
+    "OPERATOR",
+    "RESTORED",
+    "DisclosuresHeld",
+    "Hold",
+    "lift_holds",
+    "place_hold",
+    "read_holds",
+    "refresh_holds",
+    "require_no_hold",
+]
+
+log = logging.getLogger("broker.disclosure")
+
+#: How often each process reads the holds (``broker.workers``).
+HOLD_INTERVAL_SECONDS = 5.0
+#: Reasons: placed by ``broker restore``, or by ``broker disclosures hold``.
+RESTORED = "restored"
+OPERATOR = "operator"
+
+
+class DisclosuresHeld(ServiceUnavailable):
+    slug = "disclosures-held"
+    title = "Disclosures are on hold"
+
+
+@dataclass(frozen=True)
+class Hold:
+    reason: str
+    placed_at: datetime
+
+
+async def read_holds(session: AsyncSession) -> list[Hold]:
+    rows = await session.execute(
+        select(DisclosureHold.reason, DisclosureHold.placed_at).order_by(DisclosureHold.reason)
+    )
+    return [Hold(reason, placed_at) for reason, placed_at in rows]
+
+
+async def place_hold(session: AsyncSession, reason: str) -> bool:
+    """Hold every disclosure for ``reason``, in the caller's transaction, with a ledger
+    entry; False if that hold was already in place."""
+    if await session.get(DisclosureHold, reason) is not None:
+        return False
+    session.add(DisclosureHold(reason=reason))
+    await session.flush()  # the next look in this transaction sees it
+    await append_operation(session, "disclosures.held", {"reason": reason})
+    return True
+
+
+async def lift_holds(session: AsyncSession, reasons: set[str] | None = None) -> list[Hold]:
+    """Lift the holds of ``reasons`` (all if None), each with a ledger entry; those lifted."""
+    lifted = [h for h in await read_holds(session) if reasons is None or h.reason in reasons]
+    for hold in lifted:
+        await session.execute(delete(DisclosureHold).where(DisclosureHold.reason == hold.reason))
+        fields = {"reason": hold.reason, "held_since": hold.placed_at.isoformat()}
+        await append_operation(session, "disclosures.resumed", fields)
+    return lifted
+
+
+async def refresh_holds(rt: Runtime) -> None:
+    """Read the holds into ``rt.disclosure_holds``; a failed read keeps what was known."""
+    async with rt.sessionmaker() as session:
+        reasons = frozenset(h.reason for h in await read_holds(session))
+    if reasons != rt.disclosure_holds:
+        if reasons:
+            log.warning("disclosures on hold (%s): every request gets 503", ", ".join(reasons))
+        elif rt.disclosure_holds:
+            log.info("disclosure holds lifted: disclosures resume")
+    rt.disclosure_holds = reasons
+
+
+async def require_no_hold(rt: Runtime) -> None:
+    """Raise ``DisclosuresHeld`` if a hold is in place, or not yet known to be absent."""
+    if rt.disclosure_holds is None:
+        try:
+            await refresh_holds(rt)
+        except Exception:  # the database is down: the request could not be served anyway
+            log.warning("disclosure holds could not be read; holding")
+    if rt.disclosure_holds is None or rt.disclosure_holds:
+        raise DisclosuresHeld(
+            "Disclosures are on hold at this broker; nothing was decided or disclosed. "
+            "Try again later."
+        )
