@@ -213,6 +213,23 @@ async def story_with_held_record(world: World) -> Story:
     return s
 
 
+async def revoke_by_phone(world: World, s: Story) -> dict[str, Any]:
+    """Story 4: M. tells her advocate by phone to stop sharing; the new version's body."""
+    from sqlalchemy import select
+
+    from broker.models import ConsentGrant
+
+    async with world.rt.sessionmaker() as session:
+        grant_id = await session.scalar(
+            select(ConsentGrant.id).where(ConsentGrant.subject_id == s.subject_id)
+        )
+    oral = {"attestation": attestation("verbal"), "reason": "M. asked by phone to stop."}
+    revoked = await s.advocate.post(f"/v1/consents/{grant_id}/revoke", json=oral)
+    assert revoked.status_code == 200, revoked.text
+    body: dict[str, Any] = revoked.json()
+    return body
+
+
 async def queued_entries(rt: Runtime, entry_type: str) -> list[dict[str, Any]]:
     """Bodies of the ledger entries of ``entry_type`` still in the outbox (tests run no
     sequencer), oldest first."""

@@ -26,7 +26,7 @@ from broker.disclosure.holds import RESTORED, lift_holds, refresh_holds
 from broker.ledger.checkpoint_key import CheckpointKeyStale, rotate_checkpoint_key
 from broker.ledger.sequencer import integrate_pending, integrate_until_empty
 from broker.ledger.status import ledger_status
-from broker.models import ConsentGrant, Disclosure
+from broker.models import Disclosure
 from broker.settings import Settings
 from tests.conftest import pg_database
 from tests.ledger_check import check_ledger
@@ -34,9 +34,9 @@ from tests.support import (
     HELD_RECORD,
     Story,
     World,
-    attestation,
     broker_process,
     queued_entries,
+    revoke_by_phone,
     runtime_of,
     same_client,
     story_with_held_record,
@@ -84,20 +84,14 @@ async def test_a_restored_backup_serves_what_was_there_at_the_backup(
 
     assert done.tree_size > 0 and file.stat().st_mode & 0o777 == 0o600
     after = await _disclose(s)  # not in the backup: lost by the restore
-    async with world.rt.sessionmaker() as session:
-        grant_id = await session.scalar(
-            select(ConsentGrant.id).where(ConsentGrant.subject_id == s.subject_id)
-        )
-    revoke = {"attestation": attestation("verbal"), "reason": "M. asked by phone to stop."}
-    revoked = await s.advocate.post(f"/v1/consents/{grant_id}/revoke", json=revoke)
-    assert revoked.status_code == 200, revoked.text
+    revoked = await revoke_by_phone(world, s)
     target = world.rt.settings.model_copy(update={"database_url": empty_target})
     restored = await asyncio.to_thread(restore, target, file)
     assert restored.tree_size == done.tree_size and not restored.moved_aside
     assert restored.where.endswith(empty_target.rsplit("/", 1)[1])
     # What the restore warns of: the revocation is lost, and it is after the time given.
     assert restored.newest_consent_change is not None
-    assert restored.newest_consent_change < datetime.fromisoformat(revoked.json()["created_at"])
+    assert restored.newest_consent_change < datetime.fromisoformat(revoked["created_at"])
 
     key_dir = world.rt.settings.key_dir
     async with broker_process(world, key_dir, database_url=empty_target) as (app, http):

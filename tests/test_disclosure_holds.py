@@ -22,11 +22,10 @@ from broker.disclosure.holds import (
 from broker.models import Disclosure, LedgerPending
 from broker.runtime import Runtime
 from tests.support import (
-    Story,
     World,
-    attestation,
     broker_process,
     queued_entries,
+    revoke_by_phone,
     runtime_of,
     same_client,
     story_with_held_record,
@@ -71,9 +70,7 @@ async def test_a_hold_stops_every_disclosure_and_nothing_else(world: World) -> N
     )
     assert await _rows(world.rt) == before  # no decision, no disclosure row, no entry
     # Advocates can still act: a revocation made during the hold is in force after it.
-    grant = await _grant_id(world, s)
-    oral = {"attestation": attestation("verbal"), "reason": "M. asked by phone to stop."}
-    assert (await s.advocate.post(f"/v1/consents/{grant}/revoke", json=oral)).status_code == 200
+    await revoke_by_phone(world, s)
     assert await _resume(world.rt) == [OPERATOR]
     await refresh_holds(world.rt)
     denied = await s.officer.post("/v1/disclosures", json=ASK)
@@ -144,17 +141,6 @@ def test_hold_resume_and_status_from_the_shell(tmp_path: Path, database_url: str
     assert resumed.returncode == 0
     assert resumed.stdout.startswith("lifted the operator hold") and "resume" in resumed.stdout
     assert broker("disclosures", "resume").stdout == "no hold was in place\n"
-
-
-async def _grant_id(world: World, s: Story) -> str:
-    from broker.models import ConsentGrant
-
-    async with world.rt.sessionmaker() as session:
-        grant = await session.scalar(
-            select(ConsentGrant.id).where(ConsentGrant.subject_id == s.subject_id)
-        )
-    assert grant is not None
-    return grant
 
 
 async def test_holds_read_back_in_order(world: World) -> None:
