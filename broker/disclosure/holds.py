@@ -108,8 +108,12 @@ async def require_no_hold(rt: Runtime) -> None:
     if rt.disclosure_holds is None:
         try:
             await refresh_holds(rt)
-        except Exception:  # the database is down: the request could not be served anyway
-            log.warning("disclosure holds could not be read; holding")
+        except Exception as exc:  # the database is down, or the role may not read the table
+            log.warning(
+                "disclosure holds could not be read (%s); holding every disclosure (after an "
+                "upgrade: broker migrate, then deploy/sql/app_role.sql)",
+                type(exc).__name__,
+            )
     if rt.disclosure_holds is None or rt.disclosure_holds:
         raise DisclosuresHeld(
             "Disclosures are on hold at this broker; nothing was decided or disclosed. "
