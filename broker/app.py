@@ -38,7 +38,6 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             await check_schema(rt.engine)
-            await refresh_holds(rt)
         except SchemaBehind as exc:
             log.error("not starting: %s", exc)
             await rt.aclose()
@@ -48,6 +47,16 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
                 "database not reachable at start (%s); checking again on /readyz",
                 type(exc).__name__,
             )
+        else:
+            try:
+                await refresh_holds(rt)
+            except Exception as exc:  # unread holds hold (broker.disclosure.holds)
+                log.warning(
+                    "disclosure holds could not be read at start (%s): every disclosure is "
+                    "held until they can be (after an upgrade: broker migrate, then "
+                    "deploy/sql/app_role.sql)",
+                    type(exc).__name__,
+                )
         if settings.run_background_workers:
             from broker.workers import start_workers
 
