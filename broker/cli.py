@@ -190,6 +190,8 @@ async def _on_database(work: Callable[[AsyncSession], Awaitable[T]]) -> T:
 
 
 def cmd_disclosures(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import IntegrityError
+
     from broker.disclosure.holds import (
         HOLD_INTERVAL_SECONDS,
         OPERATOR,
@@ -200,7 +202,11 @@ def cmd_disclosures(args: argparse.Namespace) -> int:
 
     wait = f"running brokers follow within {HOLD_INTERVAL_SECONDS:g} s"
     if args.action == "hold":
-        if asyncio.run(_on_database(lambda s: place_hold(s, OPERATOR))):
+        try:
+            placed = asyncio.run(_on_database(lambda s: place_hold(s, OPERATOR)))
+        except IntegrityError:  # another operator's hold committed first
+            placed = False
+        if placed:
             print(f"disclosures on hold: every request gets 503 ({wait})")
         else:
             print("disclosures were already on hold by an operator")

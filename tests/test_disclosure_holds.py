@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import asyncpg
+import pytest
 from sqlalchemy import func, select
 
 from broker.disclosure.holds import (
@@ -155,3 +157,26 @@ async def test_holds_read_back_in_order(world: World) -> None:
         await lift_holds(session, {OPERATOR})
     async with world.rt.sessionmaker() as session:
         assert [h.reason for h in await read_holds(session)] == [RESTORED]
+
+
+@pytest.mark.postgres_only
+async def test_two_operators_holding_at_once_both_see_disclosures_held(
+    tmp_path: Path, database_url: str
+) -> None:
+    """The second insert waits for the first's commit, then hits the key: not an error."""
+    first = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        tx = first.transaction()
+        await tx.start()
+        await first.execute("INSERT INTO disclosure_holds VALUES ('operator', now())")
+        second = asyncio.create_task(
+            asyncio.to_thread(shell(tmp_path, database_url), "disclosures", "hold")
+        )
+        await asyncio.sleep(1.0)  # the command is waiting on the uncommitted row
+        assert not second.done()
+        await tx.commit()
+        done = await asyncio.wait_for(second, 30)
+    finally:
+        await first.close()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "disclosures were already on hold by an operator\n"
