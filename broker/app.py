@@ -17,7 +17,7 @@ from broker.auth.endpoints import router as auth_router
 from broker.consent.endpoints import router as consent_router
 from broker.disclosure.endpoints import router as disclosure_router
 from broker.disclosure.fast_path import DisclosureFastPath
-from broker.disclosure.holds import refresh_holds
+from broker.disclosure.holds import refresh_holds_or_hold
 from broker.errors import PROBLEM_SCHEMA, install_error_handlers
 from broker.health import router as health_router
 from broker.ledger.endpoints import router as ledger_router
@@ -48,15 +48,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
                 type(exc).__name__,
             )
         else:
-            try:
-                await refresh_holds(rt)
-            except Exception as exc:  # unread holds hold (broker.disclosure.holds)
-                log.warning(
-                    "disclosure holds could not be read at start (%s): every disclosure is "
-                    "held until they can be (after an upgrade: broker migrate, then "
-                    "deploy/sql/app_role.sql)",
-                    type(exc).__name__,
-                )
+            await refresh_holds_or_hold(rt, when="at start")
         if settings.run_background_workers:
             from broker.workers import start_workers
 

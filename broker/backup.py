@@ -38,12 +38,12 @@ from urllib.request import pathname2url
 
 from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from broker.db import make_engine, make_sessionmaker
+from broker.db import make_engine, make_sessionmaker, redacted_url
 from broker.disclosure.holds import RESTORED, place_hold
 from broker.ledger.entries import append_operation
-from broker.models import ConsentVersion, LedgerEntry
+from broker.ledger.sequencer import tree_size
+from broker.models import ConsentVersion
 from broker.schema_version import SchemaBehind, check_schema
 from broker.settings import Settings
 
@@ -60,7 +60,7 @@ class BackupError(RuntimeError):
 
 @dataclass(frozen=True)
 class Copied:
-    #: The backup file written, or the database restored into (its URL, password hidden).
+    #: The backup file written, or the database restored into (its URL, credentials hidden).
     where: str
     #: Entries in the ledger's tree: in the copy (SQLite), as the dump began (PostgreSQL),
     #: or as restored.
@@ -124,7 +124,7 @@ def restore(settings: Settings, source: Path, *, replace: bool = False) -> Copie
             f"`broker migrate`, and tell auditors of the restore: no {RESTORED_ENTRY} "
             "entry was written"
         ) from exc
-    return Copied(_hide_password(settings.database_url), tree, moved, migrated, newest)
+    return Copied(redacted_url(settings.database_url), tree, moved, migrated, newest)
 
 
 def _sha256(path: Path) -> str:
@@ -134,10 +134,6 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _hide_password(database_url: str) -> str:
-    return make_url(database_url).render_as_string(hide_password=True)
 
 
 # --------------------------------------------------------------------------- files
@@ -332,15 +328,10 @@ def _pg_restore(database_url: str, source: Path) -> None:
 async def _tree_size(database_url: str) -> int:
     engine = make_engine(database_url)
     try:
-        return await _tree_of(engine)
+        async with make_sessionmaker(engine)() as session:
+            return await tree_size(session)
     finally:
         await engine.dispose()
-
-
-async def _tree_of(engine: AsyncEngine) -> int:
-    async with engine.connect() as conn:
-        last = await conn.scalar(select(func.max(LedgerEntry.idx)))
-    return 0 if last is None else int(last) + 1
 
 
 async def _after_restore(
@@ -359,11 +350,10 @@ async def _after_restore(
         except SchemaBehind:
             await asyncio.to_thread(upgrade, database_url)
             migrated = True
-        tree = await _tree_of(engine)
-        async with engine.connect() as conn:
-            newest = await conn.scalar(select(func.max(ConsentVersion.created_at)))
-        fields = {"tree_size": tree, "backup_sha256": backup_sha256}
         async with make_sessionmaker(engine)() as session, session.begin():
+            tree = await tree_size(session)
+            newest = await session.scalar(select(func.max(ConsentVersion.created_at)))
+            fields = {"tree_size": tree, "backup_sha256": backup_sha256}
             await append_operation(session, RESTORED_ENTRY, fields)
             await place_hold(session, RESTORED)
     finally:

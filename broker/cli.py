@@ -119,11 +119,12 @@ async def _schema_up_to_date(settings: Settings) -> None:
 
 
 def cmd_migrate(_: argparse.Namespace) -> int:
+    from broker.db import redacted_url
     from broker.migrate import upgrade
 
     settings = _settings()
     upgrade(settings.database_url)
-    print(f"database at head: {_redact(settings.database_url)}")
+    print(f"database at head: {redacted_url(settings.database_url)}")
     return 0
 
 
@@ -223,13 +224,6 @@ def cmd_disclosures(args: argparse.Namespace) -> int:
     if not holds:
         print("no hold: disclosures are served")
     return 1 if holds else 0
-
-
-def _redact(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
 
 
 def cmd_keys_init(_: argparse.Namespace) -> int:

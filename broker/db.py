@@ -46,6 +46,15 @@ from broker.sqlite_writes import take_turns_writing
 log = logging.getLogger("broker.db")
 
 
+def redacted_url(url: str) -> str:
+    """``url`` for a message: its user and password shown as ``***``."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    if not sep or "@" not in netloc:
+        return url
+    return f"{scheme}://***@{netloc.rsplit('@', 1)[1]}{slash}{path}"
+
+
 def _sqlite_on_connect(dbapi_conn: DBAPIConnection, _: ConnectionPoolEntry) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA foreign_keys=ON")

@@ -197,6 +197,8 @@ async def story_one(world: World, **shelter_kwargs: Any) -> Story:
 
 
 HELD_RECORD = {"intake_date": "2024-03-02", "bed_status": "assigned"}
+#: Story 1's request: the DV Unit asks for M.'s shelter data under its own case number.
+POLICE_ASK = {"subject_ref": "PD-24-0193", "category": "shelter", "purpose": "safety_planning"}
 
 
 async def story_with_held_record(world: World) -> Story:
@@ -228,6 +230,14 @@ async def revoke_by_phone(world: World, s: Story) -> dict[str, Any]:
     assert revoked.status_code == 200, revoked.text
     body: dict[str, Any] = revoked.json()
     return body
+
+
+async def count_rows(rt: Runtime, model: type[Any]) -> int:
+    """Rows of ``model``'s table now."""
+    from sqlalchemy import func, select
+
+    async with rt.sessionmaker() as session:
+        return int(await session.scalar(select(func.count()).select_from(model)) or 0)
 
 
 async def queued_entries(rt: Runtime, entry_type: str) -> list[dict[str, Any]]:

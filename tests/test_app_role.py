@@ -15,7 +15,14 @@ from broker.ledger.entries import append_entry
 from broker.ledger.sequencer import integrate_until_empty
 from broker.settings import Settings
 from tests.conftest import PG_ADMIN_DSN
-from tests.support import World, broker_process, runtime_of, same_client, story_with_held_record
+from tests.support import (
+    POLICE_ASK,
+    World,
+    broker_process,
+    runtime_of,
+    same_client,
+    story_with_held_record,
+)
 
 pytestmark = pytest.mark.postgres_only
 
@@ -96,8 +103,7 @@ async def test_a_role_that_cannot_read_the_holds_holds_every_disclosure(
         key_dir = world.rt.settings.key_dir
         async with broker_process(world, key_dir, database_url=app_url) as (app, http):
             assert runtime_of(app).disclosure_holds is None  # its start could not read them
-            ask = {"subject_ref": "PD-24-0193", "category": "shelter", "purpose": "safety_planning"}
-            held = await same_client(s.officer, http).post("/v1/disclosures", json=ask)
+            held = await same_client(s.officer, http).post("/v1/disclosures", json=POLICE_ASK)
             assert held.status_code == 503 and held.json()["type"].endswith("disclosures-held")
             assert runtime_of(app).disclosure_holds is None
     assert "disclosure holds could not be read at start" in caplog.text  # what to do next

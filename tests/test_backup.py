@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import text
 
 from broker.backup import RESTORED_ENTRY, BackupError, backup, restore
 from broker.crypto.payload import open_payload
-from broker.db import make_engine
+from broker.db import make_engine, redacted_url
 from broker.disclosure.holds import RESTORED, lift_holds, refresh_holds
 from broker.ledger.checkpoint_key import CheckpointKeyStale, rotate_checkpoint_key
 from broker.ledger.sequencer import integrate_pending, integrate_until_empty
@@ -32,9 +32,11 @@ from tests.conftest import pg_database
 from tests.ledger_check import check_ledger
 from tests.support import (
     HELD_RECORD,
+    POLICE_ASK,
     Story,
     World,
     broker_process,
+    count_rows,
     queued_entries,
     revoke_by_phone,
     runtime_of,
@@ -43,8 +45,6 @@ from tests.support import (
 )
 from tests.test_ledger import _vkey
 from tests.test_records_kek_rotation import shell
-
-ASK = {"subject_ref": "PD-24-0193", "category": "shelter", "purpose": "safety_planning"}
 
 
 @pytest.fixture
@@ -60,15 +60,10 @@ async def empty_target(backend: str, tmp_path: Path) -> AsyncIterator[str]:
 
 
 async def _disclose(s: Story) -> dict[str, Any]:
-    resp = await s.officer.post("/v1/disclosures", json=ASK)
+    resp = await s.officer.post("/v1/disclosures", json=POLICE_ASK)
     assert resp.status_code == 200, resp.text
     body: dict[str, Any] = resp.json()
     return body
-
-
-async def _disclosures(world: World) -> int:
-    async with world.rt.sessionmaker() as session:
-        return int(await session.scalar(select(func.count()).select_from(Disclosure)) or 0)
 
 
 async def test_a_restored_backup_serves_what_was_there_at_the_backup(
@@ -106,13 +101,13 @@ async def test_a_restored_backup_serves_what_was_there_at_the_backup(
         # Disclosures are held until an operator resumes them: the revocation came after
         # the backup, so the grant is in force again in the restored database.
         officer = same_client(s.officer, http)
-        held = await officer.post("/v1/disclosures", json=ASK)
+        held = await officer.post("/v1/disclosures", json=POLICE_ASK)
         assert held.status_code == 503 and held.json()["type"].endswith("disclosures-held")
         async with rt.sessionmaker() as session, session.begin():
             assert [h.reason for h in await lift_holds(session)] == [RESTORED]
         await refresh_holds(rt)
         # The held record still opens with the same keys.
-        again = await officer.post("/v1/disclosures", json=ASK)
+        again = await officer.post("/v1/disclosures", json=POLICE_ASK)
         assert again.status_code == 200, again.text
         jwks = (await http.get("/.well-known/jwks.json")).json()
         claims = open_payload(again.json()["payload"], s.police.enc_private, jwks)
@@ -142,7 +137,7 @@ async def test_a_restore_into_a_database_in_use_changes_nothing(
     await _disclose(s)
     with pytest.raises(BackupError, match="not empty|exists"):
         await asyncio.to_thread(restore, world.rt.settings, file)
-    assert await _disclosures(world) == 2
+    assert await count_rows(world.rt, Disclosure) == 2
     assert await queued_entries(world.rt, RESTORED_ENTRY) == []
 
 
@@ -250,6 +245,14 @@ def test_pg_connection_keeps_the_password_off_the_command_line() -> None:
         "--dbname",
         "broker",
     ]
+
+
+def test_urls_in_messages_show_no_credentials() -> None:
+    """What backup, restore and migrate print: never a user or password."""
+    pg = "postgresql+asyncpg://broker_app:p@ss@db.internal:6432/broker?ssl=require"
+    assert redacted_url(pg) == "postgresql+asyncpg://***@db.internal:6432/broker?ssl=require"
+    for plain in ("sqlite+aiosqlite:///./var/broker.db", "postgresql+asyncpg://db/broker"):
+        assert redacted_url(plain) == plain
 
 
 def test_settings_of_an_in_memory_database_are_refused(tmp_path: Path) -> None:

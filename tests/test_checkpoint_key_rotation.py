@@ -35,7 +35,7 @@ from broker.ledger.status import ledger_status
 from broker.ledger.verify import verify_export
 from broker.models import LedgerEntry, LedgerKeyRotation, LedgerPending
 from broker.settings import Settings
-from tests.support import BASE_URL, World, broker_process, runtime_of
+from tests.support import BASE_URL, World, broker_process, count_rows, runtime_of
 from tests.test_disclosure import _ask
 from tests.test_ledger import _busy_ledger, _vkey
 from tests.test_records_kek_rotation import shell
@@ -67,11 +67,6 @@ async def _latest_note(auditor: Any) -> dict[str, Any]:
     assert resp.status_code == 200, resp.text
     cp: dict[str, Any] = resp.json()
     return cp
-
-
-async def _pending(world: World) -> int:
-    async with world.rt.sessionmaker() as session:
-        return int(await session.scalar(select(func.count()).select_from(LedgerPending)) or 0)
 
 
 async def test_auditors_follow_the_hand_over_from_either_key(world: World) -> None:
@@ -179,11 +174,13 @@ async def test_a_host_with_the_old_key_folder_signs_nothing(
         stale = runtime_of(stale_app)
         await _rotate(world)
         assert (await s.officer.post("/v1/disclosures", json=_ask())).status_code == 200
-        waiting = await _pending(world)
+        waiting = await count_rows(world.rt, LedgerPending)
         assert waiting >= 1
         with pytest.raises(CheckpointKeyStale):
             await integrate_pending(stale)
-        assert await _pending(world) == waiting, "nothing was integrated or lost"
+        assert await count_rows(world.rt, LedgerPending) == waiting, (
+            "nothing was integrated or lost"
+        )
         # The stale host still publishes the ledger's current key, not its own.
         async with stale.sessionmaker() as session:
             published = await ledger_key(stale, session)
@@ -205,12 +202,12 @@ async def test_a_host_with_another_deployments_keys_signs_nothing(
     async with broker_process(world, other) as (stranger_app, _):
         stranger = runtime_of(stranger_app)
         assert (await s.officer.post("/v1/disclosures", json=_ask())).status_code == 200
-        waiting = await _pending(world)
+        waiting = await count_rows(world.rt, LedgerPending)
         with pytest.raises(CheckpointKeyStale):
             await integrate_pending(stranger)
         with pytest.raises(CheckpointKeyStale, match="not the ledger's current one"):
             await rotate_checkpoint_key(stranger.sessionmaker, other, settings.ledger_origin)
-        assert await _pending(world) == waiting
+        assert await count_rows(world.rt, LedgerPending) == waiting
     assert await integrate_until_empty(world.rt) == waiting
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from sqlalchemy import func, select
 
 from broker.disclosure.holds import (
     HOLD_INTERVAL_SECONDS,
@@ -24,8 +23,10 @@ from broker.disclosure.holds import (
 from broker.models import Disclosure, LedgerPending
 from broker.runtime import Runtime
 from tests.support import (
+    POLICE_ASK,
     World,
     broker_process,
+    count_rows,
     queued_entries,
     revoke_by_phone,
     runtime_of,
@@ -33,8 +34,6 @@ from tests.support import (
     story_with_held_record,
 )
 from tests.test_records_kek_rotation import shell
-
-ASK = {"subject_ref": "PD-24-0193", "category": "shelter", "purpose": "safety_planning"}
 
 
 async def _hold(rt: Runtime) -> None:
@@ -49,20 +48,17 @@ async def _resume(rt: Runtime) -> list[str]:
 
 
 async def _rows(rt: Runtime) -> tuple[int, int]:
-    async with rt.sessionmaker() as session:
-        disclosures = await session.scalar(select(func.count()).select_from(Disclosure))
-        pending = await session.scalar(select(func.count()).select_from(LedgerPending))
-    return int(disclosures or 0), int(pending or 0)
+    return await count_rows(rt, Disclosure), await count_rows(rt, LedgerPending)
 
 
 async def test_a_hold_stops_every_disclosure_and_nothing_else(world: World) -> None:
     s = await story_with_held_record(world)
-    assert (await s.officer.post("/v1/disclosures", json=ASK)).status_code == 200
+    assert (await s.officer.post("/v1/disclosures", json=POLICE_ASK)).status_code == 200
     await _hold(world.rt)
     await refresh_holds(world.rt)
     before = await _rows(world.rt)
 
-    held = await s.officer.post("/v1/disclosures", json=ASK)
+    held = await s.officer.post("/v1/disclosures", json=POLICE_ASK)
 
     assert held.status_code == 503, held.text
     assert held.headers["content-type"] == "application/problem+json"
@@ -75,7 +71,7 @@ async def test_a_hold_stops_every_disclosure_and_nothing_else(world: World) -> N
     await revoke_by_phone(world, s)
     assert await _resume(world.rt) == [OPERATOR]
     await refresh_holds(world.rt)
-    denied = await s.officer.post("/v1/disclosures", json=ASK)
+    denied = await s.officer.post("/v1/disclosures", json=POLICE_ASK)
     assert denied.status_code == 403, denied.text
     types = [e["type"] for e in await queued_entries(world.rt, "disclosures.held")]
     assert types == ["disclosures.held"]
@@ -88,11 +84,11 @@ async def test_a_process_that_has_not_read_the_holds_holds(world: World) -> None
     s = await story_with_held_record(world)
     await _hold(world.rt)
     world.rt.disclosure_holds = None
-    assert (await s.officer.post("/v1/disclosures", json=ASK)).status_code == 503
+    assert (await s.officer.post("/v1/disclosures", json=POLICE_ASK)).status_code == 503
     assert world.rt.disclosure_holds == frozenset({OPERATOR})
     await _resume(world.rt)
     world.rt.disclosure_holds = None
-    assert (await s.officer.post("/v1/disclosures", json=ASK)).status_code == 200
+    assert (await s.officer.post("/v1/disclosures", json=POLICE_ASK)).status_code == 200
 
 
 async def test_a_running_broker_follows_a_hold_within_the_interval(
@@ -103,19 +99,19 @@ async def test_a_running_broker_follows_a_hold_within_the_interval(
         rt = runtime_of(app)
         officer = same_client(s.officer, http)
         assert rt.disclosure_holds == frozenset()  # read at start
-        assert (await officer.post("/v1/disclosures", json=ASK)).status_code == 200
+        assert (await officer.post("/v1/disclosures", json=POLICE_ASK)).status_code == 200
         await _hold(world.rt)  # another process (the operator's command) places it
         for _ in range(int(3 * HOLD_INTERVAL_SECONDS / 0.1)):
             if rt.disclosure_holds:
                 break
             await asyncio.sleep(0.1)
-        assert (await officer.post("/v1/disclosures", json=ASK)).status_code == 503
+        assert (await officer.post("/v1/disclosures", json=POLICE_ASK)).status_code == 503
         await _resume(world.rt)
         for _ in range(int(3 * HOLD_INTERVAL_SECONDS / 0.1)):
             if not rt.disclosure_holds:
                 break
             await asyncio.sleep(0.1)
-        assert (await officer.post("/v1/disclosures", json=ASK)).status_code == 200
+        assert (await officer.post("/v1/disclosures", json=POLICE_ASK)).status_code == 200
 
 
 async def test_a_broker_started_on_a_held_database_holds_from_its_first_request(
@@ -125,7 +121,7 @@ async def test_a_broker_started_on_a_held_database_holds_from_its_first_request(
     await _hold(world.rt)
     async with broker_process(world, key_copy) as (app, http):
         assert runtime_of(app).disclosure_holds == frozenset({OPERATOR})
-        held = await same_client(s.officer, http).post("/v1/disclosures", json=ASK)
+        held = await same_client(s.officer, http).post("/v1/disclosures", json=POLICE_ASK)
         assert held.status_code == 503
 
 

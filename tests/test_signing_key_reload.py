@@ -27,14 +27,13 @@ from broker.crypto.payload import PayloadInvalid, open_payload
 from broker.workers import reload_keys
 from tests.servers import bootstrap_admin, broker_env, brokers, client_at, free_port, run_cli
 from tests.support import (
+    POLICE_ASK,
     World,
     broker_process,
     runtime_of,
     same_client,
     story_with_held_record,
 )
-
-ASK = {"subject_ref": "PD-24-0193", "category": "shelter", "purpose": "safety_planning"}
 
 
 def _kid(token: str) -> str:
@@ -47,7 +46,7 @@ async def _kids(http: httpx.AsyncClient) -> list[str]:
 
 async def _disclose(http: httpx.AsyncClient, token: str) -> httpx.Response:
     return await http.post(
-        "/v1/disclosures", json=ASK, headers={"Authorization": f"Bearer {token}"}
+        "/v1/disclosures", json=POLICE_ASK, headers={"Authorization": f"Bearer {token}"}
     )
 
 

@@ -12,6 +12,7 @@ from broker.crypto.keystore import BrokerKeys, rotate_subject_hmac, subject_hmac
 from broker.ledger.sequencer import integrate_until_empty
 from broker.workers import reload_keys
 from tests.support import (
+    POLICE_ASK,
     World,
     broker_process,
     queued_entries,
@@ -20,8 +21,6 @@ from tests.support import (
     story_with_held_record,
 )
 from tests.test_records_kek_rotation import shell
-
-ASK = {"subject_ref": "PD-24-0193", "category": "shelter", "purpose": "safety_planning"}
 
 
 async def test_a_survivors_entries_are_found_across_a_rotation(
@@ -34,7 +33,7 @@ async def test_a_survivors_entries_are_found_across_a_rotation(
     async with broker_process(world, key_copy) as (app, http):
         rt = runtime_of(app)
         officer = same_client(s.officer, http)
-        assert (await officer.post("/v1/disclosures", json=ASK)).status_code == 200
+        assert (await officer.post("/v1/disclosures", json=POLICE_ASK)).status_code == 200
         await integrate_until_empty(rt)
         by_subject = {"subject_id": s.subject_id, "limit": 1000}
         before = await same_client(auditor, http).get("/v1/ledger/entries", params=by_subject)
@@ -46,7 +45,7 @@ async def test_a_survivors_entries_are_found_across_a_rotation(
         assert old_id == subject_hmac_id(old_key) != new_id
         await reload_keys(rt)
         assert rt.keys.subject_hmacs[1:] == (old_key,)
-        assert (await officer.post("/v1/disclosures", json=ASK)).status_code == 200
+        assert (await officer.post("/v1/disclosures", json=POLICE_ASK)).status_code == 200
         await integrate_until_empty(rt)
         after = await same_client(auditor, http).get("/v1/ledger/entries", params=by_subject)
         items = after.json()["items"]

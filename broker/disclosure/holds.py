@@ -40,6 +40,7 @@ __all__ = [
     "place_hold",
     "read_holds",
     "refresh_holds",
+    "refresh_holds_or_hold",
     "require_no_hold",
 ]
 
@@ -97,23 +98,32 @@ async def refresh_holds(rt: Runtime) -> None:
         reasons = frozenset(h.reason for h in await read_holds(session))
     if reasons != rt.disclosure_holds:
         if reasons:
-            log.warning("disclosures on hold (%s): every request gets 503", ", ".join(reasons))
+            log.warning(
+                "disclosures on hold (%s): every request gets 503", ", ".join(sorted(reasons))
+            )
         elif rt.disclosure_holds:
             log.info("disclosure holds lifted: disclosures resume")
     rt.disclosure_holds = reasons
 
 
+async def refresh_holds_or_hold(rt: Runtime, *, when: str) -> None:
+    """``refresh_holds``; if the read fails, what was known stays (None: held) and the
+    log says what to check."""
+    try:
+        await refresh_holds(rt)
+    except Exception as exc:  # the database is down, or the role may not read the table
+        log.warning(
+            "disclosure holds could not be read %s (%s): every disclosure is held until they "
+            "can be (after an upgrade: broker migrate, then deploy/sql/app_role.sql)",
+            when,
+            type(exc).__name__,
+        )
+
+
 async def require_no_hold(rt: Runtime) -> None:
     """Raise ``DisclosuresHeld`` if a hold is in place, or not yet known to be absent."""
     if rt.disclosure_holds is None:
-        try:
-            await refresh_holds(rt)
-        except Exception as exc:  # the database is down, or the role may not read the table
-            log.warning(
-                "disclosure holds could not be read (%s); holding every disclosure (after an "
-                "upgrade: broker migrate, then deploy/sql/app_role.sql)",
-                type(exc).__name__,
-            )
+        await refresh_holds_or_hold(rt, when="for a request")
     if rt.disclosure_holds is None or rt.disclosure_holds:
         raise DisclosuresHeld(
             "Disclosures are on hold at this broker; nothing was decided or disclosed. "
