@@ -43,6 +43,15 @@ RECORD = HELD_RECORD  # what the story's shelter deposited
 ASK = {"subject_ref": "PD-24-0193", "category": "shelter", "purpose": "safety_planning"}
 
 
+async def _deposit(http: httpx.AsyncClient, token: str) -> None:
+    """Harbor House leaves M.'s record again, as its case system would."""
+    deposit = {"subject_ref": "HH-2024-0042", "category": "shelter", "record": RECORD}
+    stored = await http.post(
+        "/v1/records", json=deposit, headers={"Authorization": f"Bearer {token}"}
+    )
+    assert stored.status_code == 201, stored.text
+
+
 async def _disclose(http: httpx.AsyncClient, token: str, s: Story) -> dict[str, Any]:
     """A disclosure from the process ``http`` talks to, opened by the police."""
     resp = await http.post(
@@ -115,12 +124,7 @@ async def test_held_records_stay_readable_through_rotation_rewrap_and_forgetting
         # A new deposit is sealed under the same data key, through the new records key.
         depositor = await world.client(s.shelter.id, "agency", "second case system")
         deposit_token = await depositor.token()
-        r = await http.post(
-            "/v1/records",
-            json={"subject_ref": "HH-2024-0042", "category": "shelter", "record": RECORD},
-            headers={"Authorization": f"Bearer {deposit_token}"},
-        )
-        assert r.status_code == 201, r.text
+        await _deposit(http, deposit_token)
         assert await _disclose(http, token, s) == RECORD
 
 
@@ -238,12 +242,7 @@ async def test_a_data_key_no_key_held_opens_sends_the_process_to_its_folder(
         rotate_records_kek(keys)
         await rewrap_data_keys(rt.sessionmaker, BrokerKeys.load(keys).records_keks)
         forget_retired_records_keks(keys)
-        stored = await http.post(
-            "/v1/records",
-            json={"subject_ref": "HH-2024-0042", "category": "shelter", "record": RECORD},
-            headers={"Authorization": f"Bearer {deposit_token}"},
-        )
-        assert stored.status_code == 201, stored.text
+        await _deposit(http, deposit_token)
         assert await _disclose(http, token, s) == RECORD
 
 

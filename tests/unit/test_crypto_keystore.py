@@ -6,6 +6,7 @@ import base64
 import os
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -440,20 +441,6 @@ def test_a_records_key_id_names_the_key_without_revealing_it() -> None:
     assert kek_id not in kek.hex() and records_kek_id(os.urandom(32)) != kek_id
 
 
-def test_a_retired_records_key_under_another_name_is_refused(key_dir: Path) -> None:
-    BrokerKeys.generate(key_dir)
-    rotate_records_kek(key_dir)
-    (retired,) = (key_dir / "retired").glob("records-kek.*.key")
-    retired.rename(retired.with_name("records-kek.0000000000000000.key"))
-    with pytest.raises(ValueError, match="does not hold the key its name gives"):
-        BrokerKeys.load(key_dir)
-
-
-def test_rotating_the_records_key_needs_the_key_it_replaces(key_dir: Path) -> None:
-    with pytest.raises(KeysMissing):
-        rotate_records_kek(key_dir)
-
-
 # --------------------------------------------------------------------------- subject key
 
 
@@ -489,18 +476,32 @@ def test_a_running_process_takes_a_rotated_subject_key(key_dir: Path) -> None:
     assert taken.records_kek == held.records_kek
 
 
-def test_a_retired_subject_key_under_another_name_is_refused(key_dir: Path) -> None:
+#: The secret keys a rotation moves to retired/, and the stem of their file names.
+SECRET_ROTATIONS = pytest.mark.parametrize(
+    ("rotate", "stem"),
+    [(rotate_records_kek, "records-kek"), (rotate_subject_hmac, "subject-hmac")],
+    ids=["records", "subject"],
+)
+
+
+@SECRET_ROTATIONS
+def test_a_retired_secret_key_under_another_name_is_refused(
+    key_dir: Path, rotate: Callable[[Path], object], stem: str
+) -> None:
     BrokerKeys.generate(key_dir)
-    rotate_subject_hmac(key_dir)
-    (retired,) = (key_dir / "retired").glob("subject-hmac.*.key")
-    retired.rename(retired.with_name("subject-hmac.0000000000000000.key"))
+    rotate(key_dir)
+    (retired,) = (key_dir / "retired").glob(f"{stem}.*.key")
+    retired.rename(retired.with_name(f"{stem}.0000000000000000.key"))
     with pytest.raises(ValueError, match="does not hold the key its name gives"):
         BrokerKeys.load(key_dir)
 
 
-def test_rotating_the_subject_key_needs_the_key_it_replaces(key_dir: Path) -> None:
+@SECRET_ROTATIONS
+def test_rotating_a_secret_key_needs_the_key_it_replaces(
+    key_dir: Path, rotate: Callable[[Path], object], stem: str
+) -> None:
     with pytest.raises(KeysMissing):
-        rotate_subject_hmac(key_dir)
+        rotate(key_dir)
 
 
 def test_rewrap_moves_a_data_key_to_the_current_key_and_keeps_it() -> None:
