@@ -281,7 +281,7 @@ async def _rotate_subject_key(settings: Settings) -> int:
     The database is checked first, so an unreachable or unmigrated one stops the
     command before the key changes.
     """
-    from broker.crypto.keystore import rotate_subject_hmac
+    from broker.crypto.keystore import RETIRED_DIR, rotate_subject_hmac
     from broker.ledger.entries import record_operation
     from broker.schema_version import SchemaBehind, check_schema
     from broker.workers import KEY_FOLDER_INTERVAL_SECONDS
@@ -309,7 +309,7 @@ async def _rotate_subject_key(settings: Settings) -> int:
     old_id, new_id = rotated
     print(f"subject-commitment key rotated: new key {new_id}")
     print(
-        f"the retired key {old_id} stays in {settings.key_dir / 'retired'} for good: the "
+        f"the retired key {old_id} stays in {settings.key_dir / RETIRED_DIR} for good: the "
         "broker finds a survivor's earlier ledger entries with it. Entries from now on "
         "commit under the new key (processes using this folder take it within "
         f"{KEY_FOLDER_INTERVAL_SECONDS:g} s); copy the folder to every other host",
