@@ -15,6 +15,7 @@ from fastapi.openapi.utils import get_openapi
 from broker.agencies.endpoints import router as agencies_router
 from broker.auth.endpoints import router as auth_router
 from broker.consent.endpoints import router as consent_router
+from broker.db_privileges import check_role_at_start
 from broker.disclosure.endpoints import router as disclosure_router
 from broker.disclosure.fast_path import DisclosureFastPath
 from broker.disclosure.holds import refresh_holds_or_hold
@@ -49,6 +50,12 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
             )
         else:
             await refresh_holds_or_hold(rt, when="at start")
+            try:
+                await check_role_at_start(
+                    rt.engine, production=settings.environment == "production"
+                )
+            except Exception as exc:  # /readyz checks again
+                log.warning("database privileges not checked at start (%s)", type(exc).__name__)
         if settings.run_background_workers:
             from broker.workers import start_workers
 

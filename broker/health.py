@@ -1,10 +1,11 @@
 """Liveness and readiness for load balancers and orchestrators.
 
 ``/livez`` says only that the process answers (restart it if not). ``/readyz``
-also reads the database's schema revision, so an instance cut off from its
-database, or started on one ``broker migrate`` has not brought up to date, stops
-getting traffic instead of answering 503 to every request. Neither says more than
-a status: both are public.
+also reads the database's schema revision and (PostgreSQL) its role's grants, so
+an instance cut off from its database, started on one ``broker migrate`` has not
+brought up to date, or connected as a role missing a grant, stops getting traffic
+instead of failing requests. Neither says more than a status: both are public, so
+what is missing goes to the log.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 from fastapi import APIRouter
 from pydantic import BaseModel
 
+from broker.db_privileges import MISSING_HINT, missing_privileges, report_missing
 from broker.errors import ServiceUnavailable, error_responses
 from broker.runtime import RuntimeDep
 from broker.schema_version import SchemaBehind, check_schema
@@ -36,12 +38,14 @@ async def livez() -> Health:
 @router.get(
     "/readyz",
     responses=error_responses(ServiceUnavailable),
-    summary="The process answers, reaches its database, and the schema is up to date",
+    summary="The process answers, reaches its database, the schema is up to date and "
+    "the database role has the grants it needs",
 )
 async def readyz(rt: RuntimeDep) -> Health:
     try:
         async with asyncio.timeout(DATABASE_TIMEOUT_SECONDS):
             await check_schema(rt.engine)
+            missing = await missing_privileges(rt.engine)
     except SchemaBehind:
         raise ServiceUnavailable(
             "The database schema is behind this broker (run `broker migrate`); not ready."
@@ -50,4 +54,10 @@ async def readyz(rt: RuntimeDep) -> Health:
         raise ServiceUnavailable(
             f"The database cannot be reached ({type(exc).__name__}); not ready."
         ) from None
+    if missing:
+        report_missing(missing)
+        raise ServiceUnavailable(
+            f"The database role lacks privileges this broker needs ({MISSING_HINT}; the log "
+            "names them); not ready."
+        )
     return Health(status="ready")

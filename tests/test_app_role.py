@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 
 from broker.app import create_app
+from broker.db_privileges import missing_privileges, rewritable_append_only
 from broker.ledger.entries import append_entry
 from broker.ledger.sequencer import integrate_until_empty
 from broker.settings import Settings
@@ -106,5 +107,55 @@ async def test_a_role_that_cannot_read_the_holds_holds_every_disclosure(
             held = await same_client(s.officer, http).post("/v1/disclosures", json=POLICE_ASK)
             assert held.status_code == 503 and held.json()["type"].endswith("disclosures-held")
             assert runtime_of(app).disclosure_holds is None
+            assert (await http.get("/readyz")).status_code == 503  # out of traffic
     assert "disclosure holds could not be read at start" in caplog.text  # what to do next
     assert "deploy/sql/app_role.sql" in caplog.text
+    assert "SELECT on disclosure_holds" in caplog.text
+
+
+async def test_readiness_names_a_grant_the_role_lacks_and_recovers_once_granted(
+    world: World, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A grant missing (an upgrade without app_role.sql) keeps the instance out of
+    traffic and is named in the log; granting it makes the instance ready, no restart."""
+    async with _app_role(database_url) as (role, app_url, owner):
+        key_dir = world.rt.settings.key_dir
+        async with broker_process(world, key_dir, database_url=app_url) as (app, http):
+            assert await missing_privileges(runtime_of(app).engine) == []
+            assert (await http.get("/readyz")).status_code == 200
+
+            await owner.execute(f'REVOKE INSERT ON ledger_entries FROM "{role}"')
+            await owner.execute(f'REVOKE USAGE ON ALL SEQUENCES IN SCHEMA public FROM "{role}"')
+            missing = await missing_privileges(runtime_of(app).engine)
+            assert "INSERT on ledger_entries" in missing
+            assert any(m.startswith("USAGE on ") for m in missing)
+            assert all("ledger_entries" in m or m.startswith("USAGE") for m in missing), missing
+            not_ready = await http.get("/readyz")
+            assert not_ready.status_code == 503
+            assert not_ready.headers["content-type"] == "application/problem+json"
+            assert "deploy/sql/app_role.sql" in not_ready.json()["detail"]
+            assert "ledger_entries" not in not_ready.text  # a public probe: names go to the log
+            assert "INSERT on ledger_entries" in caplog.text
+
+            await owner.execute(SQL.read_text().replace("broker_app", role))
+            assert (await http.get("/readyz")).status_code == 200
+
+
+async def test_production_warns_when_the_role_may_rewrite_the_ledger(
+    world: World, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Serving as the owner works but loses a layer against tampering: production says so;
+    the role app_role.sql makes is not warned about."""
+    key_dir = world.rt.settings.key_dir
+    warning = "may rewrite append-only tables"
+    async with broker_process(world, key_dir, environment="production") as (app, http):
+        assert (await http.get("/readyz")).status_code == 200
+    assert warning in caplog.text
+    assert "UPDATE on consent_versions" in caplog.text
+    caplog.clear()
+    async with (
+        _app_role(database_url) as (_, app_url, _owner),
+        broker_process(world, key_dir, database_url=app_url, environment="production") as (app, _),
+    ):
+        assert await rewritable_append_only(runtime_of(app).engine) == []
+    assert warning not in caplog.text

@@ -1,0 +1,131 @@
+"""What the broker's PostgreSQL role may do, checked against what its code needs.
+
+In production the broker connects as the role ``deploy/sql/app_role.sql`` makes,
+which is granted table by table. After an upgrade whose migration adds a table,
+that script must run again; until it does, whatever touches the new table fails
+(disclosure holds that cannot be read hold every disclosure). Checked at start and
+on ``/readyz``, a missing grant keeps the instance out of traffic and is named in
+the log, instead of surfacing as failed requests. It recovers by itself once the
+grants are made. The reverse is checked too: a role that may rewrite the
+append-only tables (the schema owner, a superuser) works, but gives up a layer of
+tamper resistance, so production warns about it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import bindparam, text
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.types import Text
+
+from broker.models import APPEND_ONLY_TABLES, Base
+
+__all__ = ["MISSING_HINT", "missing_privileges", "needed_privileges", "rewritable_append_only"]
+
+log = logging.getLogger("broker.db")
+
+#: What an operator should do about a missing grant.
+MISSING_HINT = "run deploy/sql/app_role.sql again as the schema's owner"
+
+#: Privileges a role must not hold on the append-only tables (the ledger, consent versions).
+REWRITES = ("UPDATE", "DELETE", "TRUNCATE")
+
+
+def needed_privileges() -> list[tuple[str, str]]:
+    """(table, privilege) pairs the service uses, from the ORM's own tables.
+
+    Derived from the models, so a table a later migration adds is checked without
+    anyone remembering to list it here.
+    """
+    pairs = [("alembic_version", "SELECT")]
+    for table in sorted(Base.metadata.tables):
+        privileges: tuple[str, ...] = ("SELECT", "INSERT")
+        if table not in APPEND_ONLY_TABLES:
+            privileges += ("UPDATE", "DELETE")
+        pairs.extend((table, privilege) for privilege in privileges)
+    return pairs
+
+
+# A table that does not exist lacks every privilege (``has_table_privilege`` would
+# raise); the schema check says why. Sequences are those of the current schema.
+_TABLES_LACKING = text(
+    """
+    SELECT t.name, t.privilege
+    FROM unnest(:names, :privileges) AS t(name, privilege)
+    WHERE CASE WHEN to_regclass(quote_ident(t.name)) IS NULL THEN true
+               ELSE NOT has_table_privilege(quote_ident(t.name), t.privilege) END
+    """
+).bindparams(bindparam("names", type_=ARRAY(Text)), bindparam("privileges", type_=ARRAY(Text)))
+_SEQUENCES_LACKING = text(
+    """
+    SELECT c.relname, 'USAGE'
+    FROM pg_class c
+    WHERE c.relnamespace = current_schema()::regnamespace
+      AND CASE WHEN c.relkind = 'S' THEN NOT has_sequence_privilege(c.oid, 'USAGE')
+               ELSE false END
+    ORDER BY c.relname
+    """
+)
+
+
+async def missing_privileges(engine: AsyncEngine) -> list[str]:
+    """Grants the connected role lacks, as "SELECT on disclosure_holds"; [] if none.
+
+    SQLite has no roles: always [].
+    """
+    if engine.dialect.name != "postgresql":
+        return []
+    pairs = needed_privileges()
+    params = {"names": [t for t, _ in pairs], "privileges": [p for _, p in pairs]}
+    async with engine.connect() as conn:
+        rows = list(await conn.execute(_TABLES_LACKING, params))
+        rows += list(await conn.execute(_SEQUENCES_LACKING))
+    return [f"{privilege} on {name}" for name, privilege in rows]
+
+
+async def rewritable_append_only(engine: AsyncEngine) -> list[str]:
+    """Rewrites of the append-only tables the connected role may do; [] on SQLite."""
+    if engine.dialect.name != "postgresql":
+        return []
+    pairs = [(table, p) for table in APPEND_ONLY_TABLES for p in REWRITES]
+    params = {"names": [t for t, _ in pairs], "privileges": [p for _, p in pairs]}
+    lacking: set[tuple[str, str]] = set()
+    async with engine.connect() as conn:
+        lacking.update((str(n), str(p)) for n, p in await conn.execute(_TABLES_LACKING, params))
+    return [f"{p} on {t}" for t, p in pairs if (t, p) not in lacking]
+
+
+_REPORTED: set[tuple[str, ...]] = set()
+
+
+def report_missing(missing: list[str]) -> None:
+    """Log the missing grants, once per process for each distinct set (probes repeat)."""
+    key = tuple(missing)
+    if key in _REPORTED:
+        return
+    _REPORTED.add(key)
+    log.error(
+        "the database role lacks privileges this broker needs: %s; not ready until it has "
+        "them (%s)",
+        ", ".join(missing),
+        MISSING_HINT,
+    )
+
+
+async def check_role_at_start(engine: AsyncEngine, *, production: bool) -> None:
+    """Log what the role lacks and, in production, whether it may rewrite the ledger."""
+    missing = await missing_privileges(engine)
+    if missing:
+        report_missing(missing)
+    if production:
+        rewrites = await rewritable_append_only(engine)
+        if rewrites:
+            log.warning(
+                "the database role may rewrite append-only tables (%s%s): the migration's "
+                "triggers still refuse UPDATE and DELETE, but a role that owns the tables "
+                "can drop them. Serve as the role deploy/sql/app_role.sql makes",
+                ", ".join(rewrites[:3]),
+                ", …" if len(rewrites) > 3 else "",
+            )
