@@ -118,13 +118,20 @@ async def _schema_up_to_date(settings: Settings) -> None:
         await engine.dispose()
 
 
-def cmd_migrate(_: argparse.Namespace) -> int:
+def cmd_migrate(args: argparse.Namespace) -> int:
     from broker.db import redacted_url
+    from broker.db_privileges import grant_to
     from broker.migrate import upgrade
 
     settings = _settings()
+    if args.grant_to is not None and settings.is_sqlite:
+        raise ValueError("--grant-to is for PostgreSQL; SQLite has no roles")
     upgrade(settings.database_url)
     print(f"database at head: {redacted_url(settings.database_url)}")
+    if args.grant_to is not None:
+        role = args.grant_to
+        count = asyncio.run(_on_database(lambda session: grant_to(session, role)))
+        print(f"{role} may now do what this release needs and nothing else ({count} grants)")
     return 0
 
 
@@ -554,6 +561,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("migrate", help="bring the database schema to head (alembic)")
+    m.add_argument(
+        "--grant-to",
+        metavar="ROLE",
+        help="PostgreSQL: then give ROLE, the role the broker serves as, exactly the grants "
+        "this release needs (what deploy/sql/app_role.sql does), revoking any others",
+    )
     m.set_defaults(func=cmd_migrate)
 
     b = sub.add_parser(

@@ -17,17 +17,25 @@ import logging
 
 from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.types import Text
 
 from broker.models import APPEND_ONLY_TABLES, Base
 
-__all__ = ["MISSING_HINT", "missing_privileges", "needed_privileges", "rewritable_append_only"]
+__all__ = [
+    "MISSING_HINT",
+    "grant_to",
+    "missing_privileges",
+    "needed_privileges",
+    "rewritable_append_only",
+]
 
 log = logging.getLogger("broker.db")
 
 #: What an operator should do about a missing grant.
-MISSING_HINT = "run deploy/sql/app_role.sql again as the schema's owner"
+MISSING_HINT = (
+    "run `broker migrate --grant-to ROLE` or deploy/sql/app_role.sql again as the schema's owner"
+)
 
 #: Privileges a role must not hold on the append-only tables (the ledger, consent versions).
 REWRITES = ("UPDATE", "DELETE", "TRUNCATE")
@@ -129,3 +137,52 @@ async def check_role_at_start(engine: AsyncEngine, *, production: bool) -> None:
                 ", ".join(rewrites[:3]),
                 ", …" if len(rewrites) > 3 else "",
             )
+
+
+async def grant_to(session: AsyncSession, role: str) -> int:
+    """Give ``role`` exactly the grants the service needs on the current schema; their count.
+
+    What ``deploy/sql/app_role.sql`` does, but from the code's own list of tables, so
+    ``broker migrate --grant-to`` keeps the serving role in step with every migration.
+    Everything else the role held on the schema's tables is revoked. The role must
+    already exist (its password or certificate is the database administrator's
+    business) and must not be the tables' owner, whose rights this would strip.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        raise ValueError("--grant-to is for PostgreSQL; SQLite has no roles")
+    found = (
+        await session.execute(
+            text(
+                "SELECT quote_ident(r.rolname), r.rolsuper, quote_ident(current_schema()), "
+                "(SELECT tableowner FROM pg_tables WHERE schemaname = current_schema() "
+                "AND tablename = 'alembic_version') FROM pg_roles r WHERE r.rolname = :role"
+            ),
+            {"role": role},
+        )
+    ).one_or_none()
+    if found is None:
+        raise ValueError(
+            f"role {role!r} does not exist: create it first (CREATE ROLE {role} LOGIN, with "
+            "a password or certificate), then run this again"
+        )
+    quoted, superuser, schema, owner = found
+    if superuser or role == owner:
+        raise ValueError(
+            f"role {role!r} is {'a superuser' if superuser else 'the owner of the tables'}: "
+            "--grant-to names the separate role the broker serves as"
+        )
+    statements = [
+        f"REVOKE ALL ON ALL TABLES IN SCHEMA {schema} FROM {quoted}",
+        f"GRANT USAGE ON SCHEMA {schema} TO {quoted}",
+        f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {schema} TO {quoted}",
+    ]
+    by_table: dict[str, list[str]] = {}
+    for table, privilege in needed_privileges():
+        by_table.setdefault(table, []).append(privilege)
+    statements += [
+        f"GRANT {', '.join(privileges)} ON {table} TO {quoted}"
+        for table, privileges in by_table.items()
+    ]
+    for statement in statements:
+        await session.execute(text(statement))
+    return sum(len(p) for p in by_table.values())

@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from broker.app import create_app
-from broker.db_privileges import missing_privileges, rewritable_append_only
+from broker.db_privileges import missing_privileges, needed_privileges, rewritable_append_only
 from broker.ledger.entries import append_entry
 from broker.ledger.sequencer import integrate_until_empty
 from broker.settings import Settings
@@ -24,6 +24,7 @@ from tests.support import (
     same_client,
     story_with_held_record,
 )
+from tests.test_records_kek_rotation import shell
 
 pytestmark = pytest.mark.postgres_only
 
@@ -159,3 +160,55 @@ async def test_production_warns_when_the_role_may_rewrite_the_ledger(
     ):
         assert await rewritable_append_only(runtime_of(app).engine) == []
     assert warning not in caplog.text
+
+
+async def _grants(owner: asyncpg.Connection, role: str) -> set[tuple[str, str]]:
+    """(table, privilege) the role holds on the schema's tables, read off their ACLs."""
+    rows = await owner.fetch(
+        "SELECT c.relname, a.privilege_type FROM pg_class c, aclexplode(c.relacl) a "
+        "WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind = 'r' "
+        "AND a.grantee = $1::regrole",
+        role,
+    )
+    return {(r[0], r[1]) for r in rows}
+
+
+async def test_migrate_grant_to_gives_what_app_role_sql_gives_and_nothing_else(
+    database_url: str, tmp_path: Path
+) -> None:
+    """`broker migrate --grant-to` and app_role.sql agree with the code's own list, and the
+    command takes back a grant the role should not have (say UPDATE on the ledger)."""
+    other = f"broker_srv_{uuid.uuid4().hex[:8]}"
+    broker = shell(tmp_path, database_url)
+    async with _app_role(database_url) as (role, _, owner):
+        await owner.execute(f'CREATE ROLE "{other}" LOGIN')
+        try:
+            await owner.execute(f'GRANT UPDATE, DELETE ON ledger_entries TO "{other}"')
+            done = broker("migrate", "--grant-to", other)
+            assert done.returncode == 0, done.stderr
+            assert f"{other} may now do what this release needs" in done.stdout
+            needed = set(needed_privileges())
+            assert await _grants(owner, other) == needed
+            assert await _grants(owner, role) == needed  # app_role.sql's
+            again = broker("migrate", "--grant-to", other)  # every upgrade runs it again
+            assert again.returncode == 0, again.stderr
+            assert await _grants(owner, other) == needed
+        finally:
+            await owner.execute(f'DROP OWNED BY "{other}"; DROP ROLE "{other}"')
+
+
+async def test_migrate_grant_to_refuses_an_unknown_role_a_superuser_and_the_owner(
+    database_url: str, tmp_path: Path
+) -> None:
+    broker = shell(tmp_path, database_url)
+    unknown = broker("migrate", "--grant-to", "no_such_role_here")
+    assert unknown.returncode == 2 and "does not exist: create it first" in unknown.stderr
+    superuser = broker("migrate", "--grant-to", "postgres")
+    assert superuser.returncode == 2 and "is a superuser" in superuser.stderr
+    async with _app_role(database_url) as (role, _, owner):
+        await owner.execute(f'ALTER TABLE alembic_version OWNER TO "{role}"')
+        try:
+            owning = broker("migrate", "--grant-to", role)
+            assert owning.returncode == 2 and "is the owner of the tables" in owning.stderr
+        finally:
+            await owner.execute("ALTER TABLE alembic_version OWNER TO postgres")
