@@ -7,8 +7,11 @@
 -- needs both a superuser and a deliberate bypass, and the offline verifier still
 -- names the altered index.
 --
--- Run as the owner after `broker migrate`, in the broker's database:
+-- Run as the owner after `broker migrate` (and again after every migration that adds
+-- a table), in the broker's database:
 --   psql "postgresql://broker_owner@db/broker" -f deploy/sql/app_role.sql
+-- `broker migrate --grant-to broker_app` makes the same grants from the code's own list
+-- of tables (tests/test_app_role.py checks the two agree), for a role that exists.
 -- then serve with BROKER_DATABASE_URL=postgresql+asyncpg://broker_app:…@db/broker
 -- (set the password with \password broker_app, or use certificate authentication).
 
