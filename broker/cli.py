@@ -208,7 +208,11 @@ def cmd_disclosures(args: argparse.Namespace) -> int:
         read_holds,
     )
 
-    wait = f"running brokers follow within {HOLD_INTERVAL_SECONDS:g} s"
+    wait = (
+        f"running brokers follow within {HOLD_INTERVAL_SECONDS:g} s"
+        if _settings().is_sqlite
+        else "running brokers follow at once"
+    )
     if args.action == "hold":
         try:
             placed = asyncio.run(_on_database(lambda s: place_hold(s, OPERATOR)))

@@ -51,6 +51,8 @@ class Runtime:
     #: Set when a commit queued revocation notices: this process's delivery loop goes
     #: at once instead of finishing its idle pause (up to 4 s).
     notices_due: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Set when a hold was placed or lifted (PostgreSQL ``NOTIFY``): read them now.
+    holds_changed: asyncio.Event = field(default_factory=asyncio.Event)
     #: When a token naming an unknown key last made this process read its key folder.
     unknown_kid_reload_at: float = float("-inf")
     #: Reasons disclosures are on hold (``broker.disclosure.holds``); None until read,

@@ -76,7 +76,7 @@ async def reload_keys(rt: Runtime) -> None:
 
 
 def start_workers(rt: Runtime) -> list[asyncio.Task[None]]:
-    from broker.disclosure.holds import HOLD_INTERVAL_SECONDS, refresh_holds
+    from broker.disclosure.holds import HOLD_INTERVAL_SECONDS, listen_for_holds, refresh_holds
     from broker.disclosure.notices import deliver_due
     from broker.ledger.sequencer import integrate_until_empty
 
@@ -85,7 +85,7 @@ def start_workers(rt: Runtime) -> list[asyncio.Task[None]]:
         ("webhooks", 1.0, lambda: deliver_due(rt), rt.notices_due),
         ("assertion-purge", 60.0, lambda: purge_used_assertions(rt), None),
         ("key-folder", KEY_FOLDER_INTERVAL_SECONDS, lambda: reload_keys(rt), None),
-        ("disclosure-holds", HOLD_INTERVAL_SECONDS, lambda: refresh_holds(rt), None),
+        ("disclosure-holds", HOLD_INTERVAL_SECONDS, lambda: refresh_holds(rt), rt.holds_changed),
         (
             "sequencer",
             rt.settings.sequencer_interval_seconds,
@@ -93,6 +93,8 @@ def start_workers(rt: Runtime) -> list[asyncio.Task[None]]:
             None,
         ),
     ]
+    if not rt.settings.is_sqlite:
+        loops.append(("hold-notices", HOLD_INTERVAL_SECONDS, lambda: listen_for_holds(rt), None))
     return [
         asyncio.create_task(_loop(name, interval, step, wake), name=name)
         for name, interval, step, wake in loops

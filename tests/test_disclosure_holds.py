@@ -7,11 +7,13 @@ decided or recorded, and everything else (consent changes above all) goes on.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
 import pytest
 
+from broker.disclosure import holds
 from broker.disclosure.holds import (
     HOLD_INTERVAL_SECONDS,
     OPERATOR,
@@ -176,3 +178,45 @@ async def test_two_operators_holding_at_once_both_see_disclosures_held(
         await first.close()
     assert done.returncode == 0, done.stderr
     assert done.stdout == "disclosures were already on hold by an operator\n"
+
+
+async def _until(condition: Callable[[], bool], seconds: float) -> bool:
+    """Poll ``condition`` for up to ``seconds`` (a bound on waiting, not a timing check)."""
+    for _ in range(int(seconds / 0.05)):
+        if condition():
+            return True
+        await asyncio.sleep(0.05)
+    return condition()
+
+
+@pytest.mark.postgres_only
+async def test_on_postgresql_a_running_broker_follows_a_hold_without_waiting_for_its_poll(
+    world: World, key_copy: Path, monkeypatch: pytest.MonkeyPatch, database_url: str
+) -> None:
+    """NOTIFY wakes the read: with the poll an hour apart, the hold still arrives, and
+    again after the listening connection is cut (it reconnects)."""
+    monkeypatch.setattr(holds, "HOLD_INTERVAL_SECONDS", 3600.0)
+    s = await story_with_held_record(world)
+    async with broker_process(world, key_copy, run_background_workers=True) as (app, http):
+        rt = runtime_of(app)
+        officer = same_client(s.officer, http)
+        assert rt.disclosure_holds == frozenset()
+        await _hold(world.rt)  # another process: the operator's command
+        assert await _until(lambda: rt.disclosure_holds == frozenset({OPERATOR}), 10)
+        assert (await officer.post("/v1/disclosures", json=POLICE_ASK)).status_code == 503
+
+        admin = await asyncpg.connect(database_url.replace("+asyncpg", "", 1))
+        try:
+            cut = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND query LIKE 'LISTEN %'"
+            )
+        finally:
+            await admin.close()
+        assert cut == 1
+        await _resume(world.rt)
+        # Reconnecting waits the loop's retry pause (at most 5 s), then reads the holds.
+        assert await _until(lambda: rt.disclosure_holds == frozenset(), 15)
+        assert (await officer.post("/v1/disclosures", json=POLICE_ASK)).status_code == 200
+        await _hold(world.rt)  # the new connection listens too
+        assert await _until(lambda: rt.disclosure_holds == frozenset({OPERATOR}), 10)
