@@ -12,6 +12,7 @@ import os
 import re
 import stat
 import subprocess
+import tomllib
 import uuid
 from pathlib import Path
 
@@ -79,9 +80,13 @@ def test_compose_and_image_name_only_files_that_exist() -> None:
     for secret in compose["secrets"].values():
         assert secret["file"].startswith("./secrets/")  # what make-secrets.sh writes
     dockerfile = (DEPLOY / "Dockerfile").read_text()
-    for copied in re.findall(r"^COPY (?!--)([^\n]+) \./?\S*$", dockerfile, re.MULTILINE):
-        for name in copied.split():
-            assert (DEPLOY.parent / name).exists(), name
+    copied = set()
+    for names in re.findall(r"^COPY (?!--)([^\n]+) \./?\S*$", dockerfile, re.MULTILINE):
+        copied.update(names.split())
+    assert all((DEPLOY.parent / name).exists() for name in copied), copied
+    # The image builds the package from what it copied: every file pyproject names.
+    project = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())["project"]
+    assert {project["readme"], *project["license-files"], "broker"} <= copied
 
 
 @pytest.mark.postgres_only
