@@ -38,6 +38,8 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
+            # Grants first: one the role lacks would fail the schema check unexplained.
+            await check_role_at_start(rt.engine, production=settings.environment == "production")
             await check_schema(rt.engine)
         except SchemaBehind as exc:
             log.error("not starting: %s", exc)
@@ -50,12 +52,6 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
             )
         else:
             await refresh_holds_or_hold(rt, when="at start")
-            try:
-                await check_role_at_start(
-                    rt.engine, production=settings.environment == "production"
-                )
-            except Exception as exc:  # /readyz checks again
-                log.warning("database privileges not checked at start (%s)", type(exc).__name__)
         if settings.run_background_workers:
             from broker.workers import start_workers
 

@@ -56,13 +56,13 @@ def needed_privileges() -> list[tuple[str, str]]:
     return pairs
 
 
-# A table that does not exist lacks every privilege (``has_table_privilege`` would
-# raise); the schema check says why. Sequences are those of the current schema.
+# A table that does not exist is passed over (``has_table_privilege`` would raise):
+# the schema check names what is missing there. Sequences are the current schema's.
 _TABLES_LACKING = text(
     """
     SELECT t.name, t.privilege
     FROM unnest(:names, :privileges) AS t(name, privilege)
-    WHERE CASE WHEN to_regclass(quote_ident(t.name)) IS NULL THEN true
+    WHERE CASE WHEN to_regclass(quote_ident(t.name)) IS NULL THEN false
                ELSE NOT has_table_privilege(quote_ident(t.name), t.privilege) END
     """
 ).bindparams(bindparam("names", type_=ARRAY(Text)), bindparam("privileges", type_=ARRAY(Text)))
@@ -93,16 +93,26 @@ async def missing_privileges(engine: AsyncEngine) -> list[str]:
     return [f"{privilege} on {name}" for name, privilege in rows]
 
 
+_TABLES_HELD = text(
+    """
+    SELECT t.name, t.privilege
+    FROM unnest(:names, :privileges) WITH ORDINALITY AS t(name, privilege, n)
+    WHERE CASE WHEN to_regclass(quote_ident(t.name)) IS NULL THEN false
+               ELSE has_table_privilege(quote_ident(t.name), t.privilege) END
+    ORDER BY t.n
+    """
+).bindparams(bindparam("names", type_=ARRAY(Text)), bindparam("privileges", type_=ARRAY(Text)))
+
+
 async def rewritable_append_only(engine: AsyncEngine) -> list[str]:
     """Rewrites of the append-only tables the connected role may do; [] on SQLite."""
     if engine.dialect.name != "postgresql":
         return []
     pairs = [(table, p) for table in APPEND_ONLY_TABLES for p in REWRITES]
     params = {"names": [t for t, _ in pairs], "privileges": [p for _, p in pairs]}
-    lacking: set[tuple[str, str]] = set()
     async with engine.connect() as conn:
-        lacking.update((str(n), str(p)) for n, p in await conn.execute(_TABLES_LACKING, params))
-    return [f"{p} on {t}" for t, p in pairs if (t, p) not in lacking]
+        rows = list(await conn.execute(_TABLES_HELD, params))
+    return [f"{privilege} on {name}" for name, privilege in rows]
 
 
 _REPORTED: set[tuple[str, ...]] = set()

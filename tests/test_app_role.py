@@ -212,3 +212,18 @@ async def test_migrate_grant_to_refuses_an_unknown_role_a_superuser_and_the_owne
             assert owning.returncode == 2 and "is the owner of the tables" in owning.stderr
         finally:
             await owner.execute("ALTER TABLE alembic_version OWNER TO postgres")
+
+
+async def test_a_role_that_cannot_read_the_schema_version_is_told_so(
+    world: World, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without SELECT on alembic_version the schema check fails too; the grant is what the
+    log and the probe name, not an unreachable database."""
+    async with _app_role(database_url) as (role, app_url, owner):
+        await owner.execute(f'REVOKE SELECT ON alembic_version FROM "{role}"')
+        key_dir = world.rt.settings.key_dir
+        async with broker_process(world, key_dir, database_url=app_url) as (_, http):
+            not_ready = await http.get("/readyz")
+            assert not_ready.status_code == 503
+            assert "lacks privileges" in not_ready.json()["detail"]
+    assert "SELECT on alembic_version" in caplog.text
