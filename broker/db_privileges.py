@@ -20,6 +20,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.types import Text
 
+from broker.migrate import MIGRATION_LOCK, MIGRATION_LOCK_KEY
 from broker.models import APPEND_ONLY_TABLES, Base
 
 __all__ = [
@@ -160,6 +161,7 @@ async def grant_to(session: AsyncSession, role: str) -> int:
     """
     if session.get_bind().dialect.name != "postgresql":
         raise ValueError("--grant-to is for PostgreSQL; SQLite has no roles")
+    await session.execute(text(MIGRATION_LOCK), {"key": MIGRATION_LOCK_KEY})
     found = (
         await session.execute(
             text(

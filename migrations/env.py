@@ -6,9 +6,11 @@ import asyncio
 import os
 
 from alembic import context
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from broker.db import make_engine
+from broker.migrate import MIGRATION_LOCK, MIGRATION_LOCK_KEY
 from broker.models import Base
 
 config = context.config
@@ -35,6 +37,10 @@ def _run(connection: Connection) -> None:
         compare_type=True,
     )
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            # One migrator at a time; the revision is read after the lock, so a waiter
+            # finds the schema at head instead of creating it a second time.
+            connection.execute(text(MIGRATION_LOCK), {"key": MIGRATION_LOCK_KEY})
         context.run_migrations()
 
 

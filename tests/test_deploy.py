@@ -12,6 +12,7 @@ import os
 import re
 import stat
 import subprocess
+import sys
 import tomllib
 import uuid
 from pathlib import Path
@@ -145,6 +146,46 @@ async def test_first_start_script_and_migrate_job_give_a_role_a_broker_serves_as
                 ) as http,
             ):
                 assert (await http.get("/readyz")).status_code == 200
+    finally:
+        await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
+        await admin.close()
+
+
+def _migrate_together(url: str, role: str, count: int) -> list[subprocess.CompletedProcess[str]]:
+    env = {**os.environ, "BROKER_DATABASE_URL": url, "BROKER_ENVIRONMENT": "production"}
+    argv = [str(Path(sys.executable).parent / "broker"), "migrate", "--grant-to", role]
+    running = [
+        subprocess.Popen(  # noqa: S603
+            argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(count)
+    ]
+    done = []
+    for process in running:
+        out, err = process.communicate(timeout=120)
+        done.append(subprocess.CompletedProcess(argv, process.returncode, out, err))
+    return done
+
+
+@pytest.mark.postgres_only
+async def test_replicas_migrating_at_once_take_turns(
+    backend: str, pg_template: str, tmp_path: Path
+) -> None:
+    """Three init containers on a new database: one makes the schema, the others find it
+    at head; the grants, made three times over, come out the same."""
+    role = f"broker_app_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(PG_ADMIN_DSN)
+    try:
+        await admin.execute(f'CREATE ROLE "{role}" LOGIN')
+        async with pg_database("broker_deploy") as url:
+            runs = _migrate_together(url, role, 3)
+            assert [r.returncode for r in runs] == [0, 0, 0], [r.stderr[-500:] for r in runs]
+            owner = await asyncpg.connect(url.replace("+asyncpg", "", 1))
+            try:
+                assert await owner.fetchval("SELECT count(*) FROM alembic_version") == 1
+                assert await _grants(owner, role) == set(needed_privileges())
+            finally:
+                await owner.close()
     finally:
         await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
         await admin.close()
