@@ -1,9 +1,10 @@
 """What the broker's PostgreSQL role may do, checked against what its code needs.
 
-In production the broker connects as the role ``deploy/sql/app_role.sql`` makes,
-which is granted table by table. After an upgrade whose migration adds a table,
-that script must run again; until it does, whatever touches the new table fails
-(disclosure holds that cannot be read hold every disclosure). Checked at start and
+In production the broker connects as a role granted table by table, by
+``broker migrate --grant-to`` (``grant_to``) or ``deploy/sql/app_role.sql``. After
+an upgrade whose migration adds a table, the grants must be made again; until they
+are, whatever touches the new table fails (disclosure holds that cannot be read
+hold every disclosure). Checked at start and
 on ``/readyz``, a missing grant keeps the instance out of traffic and is named in
 the log, instead of surfacing as failed requests. It recovers by itself once the
 grants are made. The reverse is checked too: a role that may rewrite the
@@ -144,7 +145,8 @@ async def check_role_at_start(engine: AsyncEngine, *, production: bool) -> None:
             log.warning(
                 "the database role may rewrite append-only tables (%s%s): the migration's "
                 "triggers still refuse UPDATE and DELETE, but a role that owns the tables "
-                "can drop them. Serve as the role deploy/sql/app_role.sql makes",
+                "can drop them. Serve as a role of its own (broker migrate --grant-to ROLE, "
+                "or deploy/sql/app_role.sql)",
                 ", ".join(rewrites[:3]),
                 ", …" if len(rewrites) > 3 else "",
             )
