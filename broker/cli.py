@@ -211,7 +211,7 @@ def cmd_disclosures(args: argparse.Namespace) -> int:
     wait = (
         f"running brokers follow within {HOLD_INTERVAL_SECONDS:g} s"
         if _settings().is_sqlite
-        else "running brokers follow at once"
+        else f"running brokers follow at once, within {HOLD_INTERVAL_SECONDS:g} s at worst"
     )
     if args.action == "hold":
         try:
