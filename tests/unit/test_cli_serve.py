@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from broker.cli import serve_warnings
+from broker.cli.serve import serve_warnings
 from broker.serving import ONE_WRITE_PROTOCOL, http_protocol
 from broker.settings import Settings
 
