@@ -14,12 +14,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import func, select
 
-from broker.crypto.keystore import (
-    CHECKPOINT_FILE,
-    STAGED_CHECKPOINT_FILE,
-    BrokerKeys,
-    load_checkpoint_key,
-)
+from broker.crypto.key_rotation import STAGED_CHECKPOINT_FILE
+from broker.crypto.keystore import CHECKPOINT_FILE, BrokerKeys, load_checkpoint_key
 from broker.ledger import checkpoint_key
 from broker.ledger.checkpoint import (
     CheckpointError,

@@ -23,7 +23,7 @@ from jwcrypto import jwk as jw_jwk
 from jwcrypto import jws as jw_jws
 from sqlalchemy import func, select, text
 
-from broker.crypto.keystore import rotate_signing_key
+from broker.crypto.key_rotation import rotate_signing_key
 from broker.crypto.payload import PayloadInvalid, open_payload
 from broker.disclosure.fast_path import DisclosureFastPath
 from broker.middleware import BodyLimitMiddleware

@@ -16,13 +16,8 @@ import pytest
 from sqlalchemy import select
 
 from broker.crypto.datakeys import RecordUnreadable, unwrap_data_key
-from broker.crypto.keystore import (
-    RETIRED_DIR,
-    BrokerKeys,
-    forget_retired_records_keks,
-    records_kek_id,
-    rotate_records_kek,
-)
+from broker.crypto.key_rotation import forget_retired_records_keks, rotate_records_kek
+from broker.crypto.keystore import RETIRED_DIR, BrokerKeys, records_kek_id
 from broker.crypto.payload import open_payload
 from broker.models import Disclosure, Subject
 from broker.runtime import Runtime

@@ -17,12 +17,12 @@ import httpx
 import pytest
 from joserfc import jws
 
-from broker.crypto.keystore import (
+from broker.crypto.key_rotation import (
     forget_retired_records_keks,
-    records_kek_id,
     rotate_records_kek,
     rotate_signing_key,
 )
+from broker.crypto.keystore import records_kek_id
 from broker.crypto.payload import PayloadInvalid, open_payload
 from broker.workers import reload_keys
 from tests.servers import bootstrap_admin, broker_env, brokers, client_at, free_port, run_cli

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from broker.crypto.commitment import subject_commitment
-from broker.crypto.keystore import BrokerKeys, rotate_subject_hmac, subject_hmac_id
+from broker.crypto.key_rotation import rotate_subject_hmac
+from broker.crypto.keystore import BrokerKeys, subject_hmac_id
 from broker.ledger.sequencer import integrate_until_empty
 from broker.workers import reload_keys
 from tests.support import (

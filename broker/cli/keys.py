@@ -26,7 +26,8 @@ def cmd_keys_init(_: argparse.Namespace) -> int:
 
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
-    from broker.crypto.keystore import RETIRED_DIR, rotate_records_kek, rotate_signing_key
+    from broker.crypto.key_rotation import rotate_records_kek, rotate_signing_key
+    from broker.crypto.keystore import RETIRED_DIR
     from broker.workers import KEY_FOLDER_INTERVAL_SECONDS
 
     settings = settings_from_env()
@@ -71,7 +72,8 @@ async def _rotate_subject_key(settings: Settings) -> int:
     The database is checked first, so an unreachable or unmigrated one stops the
     command before the key changes.
     """
-    from broker.crypto.keystore import RETIRED_DIR, rotate_subject_hmac
+    from broker.crypto.key_rotation import rotate_subject_hmac
+    from broker.crypto.keystore import RETIRED_DIR
     from broker.ledger.entries import record_operation
     from broker.schema_version import SchemaBehind, check_schema
     from broker.workers import KEY_FOLDER_INTERVAL_SECONDS
@@ -157,7 +159,8 @@ async def _rotate_checkpoint_key(lost_key: str | None) -> int:
 
 
 async def _rewrap_records(forget: bool) -> int:
-    from broker.crypto.keystore import forget_retired_records_keks, records_kek_id
+    from broker.crypto.key_rotation import forget_retired_records_keks
+    from broker.crypto.keystore import records_kek_id
     from broker.subjects.rewrap import rewrap_data_keys
     from broker.workers import KEY_FOLDER_INTERVAL_SECONDS
 
@@ -241,7 +244,7 @@ def cmd_keys_rekey_records(_: argparse.Namespace) -> int:
 
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:
-    from broker.crypto.keystore import generate_agency_keys
+    from broker.crypto.agency_keys import generate_agency_keys
 
     paths = generate_agency_keys(Path(args.out), args.name, enc_curve=args.enc_curve)
     print("created (keep the *.private.jwk.json files secret; register only the *.jwks.json):")

@@ -4,6 +4,7 @@ Everything here wraps joserfc and ``cryptography``; no primitive is implemented
 locally. Import from the submodules; this package only re-exports the main names.
 """
 
+from broker.crypto.agency_keys import generate_agency_keys
 from broker.crypto.commitment import reference_commitment, subject_commitment
 from broker.crypto.datakeys import (
     RecordUnreadable,
@@ -20,7 +21,7 @@ from broker.crypto.jwks import (
     select_encryption_key,
     validate_public_jwks,
 )
-from broker.crypto.keystore import BrokerKeys, KeysMissing, generate_agency_keys
+from broker.crypto.keystore import BrokerKeys, KeysMissing
 from broker.crypto.payload import (
     PayloadInvalid,
     open_payload,

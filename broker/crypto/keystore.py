@@ -42,52 +42,52 @@ the new one that auditors follow, and is then gone. The subject-commitment key
 rotates like the records key (``broker keys rotate subject``): new entries commit
 under the new key, and the retired one stays in ``retired/subject-hmac.<id>.key``
 for good, because the broker finds a survivor's older entries with it.
+
+Rotations are ``broker.crypto.key_rotation``; reading and writing the files, and
+their encodings, ``broker.crypto.key_files``; agencies' key pairs,
+``broker.crypto.agency_keys``.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import contextlib
 import dataclasses
 import hashlib
 import hmac
-import os
-import re
 import secrets
-import stat
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any
 
 import orjson
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from joserfc.jwk import ECKey, OKPKey, thumbprint
+from joserfc.jwk import ECKey
 
-from broker.crypto.jwks import ENC_ALG
+from broker.crypto.key_files import (
+    SECRET_BYTES,
+    checkpoint_pem,
+    decode_secret,
+    ec_signing_key,
+    encode_secret,
+    ensure_private_dir,
+    jwk_bytes,
+    load_key_file,
+    new_ec_signing_key,
+    parse_checkpoint,
+    parse_ec_jwk,
+    write_new_file,
+)
 
 __all__ = [
     "BROKER_KEY_FILES",
     "BrokerKeys",
-    "KeyFileInsecure",
     "KeysMissing",
     "RecordsKeyRotated",
     "RetiredKey",
-    "discard_staged_checkpoint_key",
-    "forget_retired_records_keks",
-    "generate_agency_keys",
-    "generate_p256_enc_keys",
-    "install_staged_checkpoint_key",
     "load_checkpoint_key",
     "records_kek_id",
-    "rotate_records_kek",
-    "rotate_signing_key",
-    "rotate_subject_hmac",
-    "stage_checkpoint_key",
-    "staged_checkpoint_key",
     "subject_hmac_id",
 ]
 
@@ -103,15 +103,14 @@ BROKER_KEY_FILES = (
     SUBJECT_HMAC_FILE,
     RECORDS_KEK_FILE,
 )
+
 RETIRED_DIR = "retired"
+
 #: Access tokens live at most 900 s (the settings' cap) and clocks may be 120 s apart.
 RETIRED_TOKEN_TRUST_SECONDS = 900 + 120
+
 #: What ``rotate_signing_key`` rotates: the name on the command line, and the file.
 SIGNING_KEY_FILES: dict[str, str] = {"token": TOKEN_SIGNING_FILE, "payload": PAYLOAD_SIGNING_FILE}
-SECRET_BYTES = 32
-_MAX_KEY_FILE_BYTES = 16 * 1024
-_SIG_ALG = "ES256"
-_T = TypeVar("_T")
 
 
 class KeysMissing(RuntimeError):
@@ -130,155 +129,13 @@ class RecordsKeyRotated(RuntimeError):
     """The records key file no longer holds the key this process loaded."""
 
 
-class KeyFileInsecure(PermissionError):
-    """A key file is group/world accessible (or not a regular file) and is refused."""
-
-
-# --------------------------------------------------------------------------- file I/O
-
-
-def _read_key_file(path: Path) -> bytes:
-    """Read a key file, refusing modes that let group or others read or write it.
-
-    Symlinks are followed (secret mounts use them) but the mode check is made on the
-    opened file itself, so a link cannot hide a readable target.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise KeyFileInsecure(f"cannot open key file {path} ({exc.strerror})") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise KeyFileInsecure(f"key file {path} is not a regular file")
-        if info.st_mode & 0o077:
-            raise KeyFileInsecure(
-                f"key file {path} has mode {stat.S_IMODE(info.st_mode):04o}; it must not be "
-                f"accessible to group or others (run: chmod 600 {path})"
-            )
-        if info.st_size > _MAX_KEY_FILE_BYTES:
-            raise ValueError(f"key file {path} is too large to be a key")
-        with os.fdopen(fd, "rb", closefd=False) as handle:
-            return handle.read()
-    finally:
-        os.close(fd)
-
-
-def _write_temp(path: Path, data: bytes, mode: int) -> Path:
-    """``data`` in a new, synced file beside ``path``, for linking or renaming into place."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(tmp, flags, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return tmp
-
-
-def _write_new_file(path: Path, data: bytes, mode: int = 0o600) -> bool:
-    """Create ``path`` holding ``data`` with ``mode``; return False if it already exists.
-
-    The content is written to a temporary O_EXCL file and hard-linked into place, so
-    a reader never sees a half-written key and an existing file is never replaced.
-    """
-    tmp = _write_temp(path, data, mode)
-    try:
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    _fsync_dir(path.parent)
-    return True
-
-
-def _replace_file(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Rename a new file holding ``data`` over ``path``: readers see old or new, never half."""
-    tmp = _write_temp(path, data, mode)
-    try:
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _ensure_private_dir(directory: Path) -> None:
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if stat.S_IMODE(directory.stat().st_mode) != 0o700:
-        os.chmod(directory, 0o700)
-
-
-# --------------------------------------------------------------------------- key codecs
-
-
-def _ec_signing_key(jwk: dict[str, Any], *, private: bool = True) -> ECKey:
-    """Import a P-256 JWK (private, or only its public half), forcing kid = thumbprint,
-    use sig, alg ES256."""
-    if jwk.get("kty") != "EC" or jwk.get("crv") != "P-256" or (private and "d" not in jwk):
-        raise ValueError(f"expected a {'private' if private else 'public'} EC P-256 JWK")
-    public = {"kty": "EC", "crv": "P-256", "x": jwk["x"], "y": jwk["y"]}
-    params = {"kid": thumbprint(public), "use": "sig", "alg": _SIG_ALG}
-    secret = {"d": jwk["d"]} if private else {}
-    return ECKey.import_key({**public, **secret, **params})
-
-
-def _new_ec_signing_key() -> ECKey:
-    key = ECKey.generate_key("P-256")
-    return _ec_signing_key(dict(key.as_dict(private=True)))
-
-
-def _jwk_bytes(key: ECKey | OKPKey, private: bool) -> bytes:
-    return orjson.dumps(dict(key.as_dict(private=private)), option=orjson.OPT_INDENT_2) + b"\n"
-
-
-def _encode_secret(raw: bytes) -> bytes:
-    return base64.b64encode(raw) + b"\n"
-
-
-def _decode_secret(data: bytes) -> bytes:
-    try:
-        raw = base64.b64decode(data.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("not base64 text") from None
-    if len(raw) != SECRET_BYTES:
-        raise ValueError(f"must decode to {SECRET_BYTES} bytes")
-    return raw
-
-
-def _checkpoint_pem(key: Ed25519PrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
 _GENERATORS: dict[str, Callable[[], bytes]] = {
-    TOKEN_SIGNING_FILE: lambda: _jwk_bytes(_new_ec_signing_key(), private=True),
-    PAYLOAD_SIGNING_FILE: lambda: _jwk_bytes(_new_ec_signing_key(), private=True),
-    CHECKPOINT_FILE: lambda: _checkpoint_pem(Ed25519PrivateKey.generate()),
-    SUBJECT_HMAC_FILE: lambda: _encode_secret(secrets.token_bytes(SECRET_BYTES)),
-    RECORDS_KEK_FILE: lambda: _encode_secret(secrets.token_bytes(SECRET_BYTES)),
+    TOKEN_SIGNING_FILE: lambda: jwk_bytes(new_ec_signing_key(), private=True),
+    PAYLOAD_SIGNING_FILE: lambda: jwk_bytes(new_ec_signing_key(), private=True),
+    CHECKPOINT_FILE: lambda: checkpoint_pem(Ed25519PrivateKey.generate()),
+    SUBJECT_HMAC_FILE: lambda: encode_secret(secrets.token_bytes(SECRET_BYTES)),
+    RECORDS_KEK_FILE: lambda: encode_secret(secrets.token_bytes(SECRET_BYTES)),
 }
-
-
-# --------------------------------------------------------------------------- broker keys
 
 
 @dataclass(frozen=True)
@@ -334,7 +191,7 @@ class BrokerKeys:
         the keys held makes the runtime read the folder too.
         """
         if self.key_dir is not None:
-            on_disk = _load(self.key_dir / RECORDS_KEK_FILE, _decode_secret)
+            on_disk = load_key_file(self.key_dir / RECORDS_KEK_FILE, decode_secret)
             if not hmac.compare_digest(on_disk, self.records_kek):
                 raise RecordsKeyRotated("the records key was rotated after this process loaded it")
         return self.records_kek
@@ -374,9 +231,9 @@ class BrokerKeys:
             return self
         fresh = dataclasses.replace(
             self,
-            records_kek=_load(self.key_dir / RECORDS_KEK_FILE, _decode_secret),
+            records_kek=load_key_file(self.key_dir / RECORDS_KEK_FILE, decode_secret),
             retired_records_keks=_load_retired_secrets(self.key_dir, "records-kek"),
-            subject_hmac=_load(self.key_dir / SUBJECT_HMAC_FILE, _decode_secret),
+            subject_hmac=load_key_file(self.key_dir / SUBJECT_HMAC_FILE, decode_secret),
             retired_subject_hmacs=_load_retired_secrets(self.key_dir, "subject-hmac"),
         )
         return self if fresh == self else fresh
@@ -393,8 +250,8 @@ class BrokerKeys:
         """
         if self.key_dir is None:
             return self
-        token = _load(self.key_dir / TOKEN_SIGNING_FILE, _parse_ec_jwk)
-        payload = _load(self.key_dir / PAYLOAD_SIGNING_FILE, _parse_ec_jwk)
+        token = load_key_file(self.key_dir / TOKEN_SIGNING_FILE, parse_ec_jwk)
+        payload = load_key_file(self.key_dir / PAYLOAD_SIGNING_FILE, parse_ec_jwk)
         known = {str(r.key.kid): r for r in self.retired_token}
         retired_token = _load_retired(self.key_dir, "token", RETIRED_TOKEN_TRUST_SECONDS, known)
         retired_payload = _load_retired(self.key_dir, "payload", None)
@@ -427,11 +284,11 @@ class BrokerKeys:
         if missing:
             raise KeysMissing(key_dir, missing)
         return cls(
-            token_signing=_load(key_dir / TOKEN_SIGNING_FILE, _parse_ec_jwk),
-            payload_signing=_load(key_dir / PAYLOAD_SIGNING_FILE, _parse_ec_jwk),
-            checkpoint_signing=_load(key_dir / CHECKPOINT_FILE, _parse_checkpoint),
-            subject_hmac=_load(key_dir / SUBJECT_HMAC_FILE, _decode_secret),
-            records_kek=_load(key_dir / RECORDS_KEK_FILE, _decode_secret),
+            token_signing=load_key_file(key_dir / TOKEN_SIGNING_FILE, parse_ec_jwk),
+            payload_signing=load_key_file(key_dir / PAYLOAD_SIGNING_FILE, parse_ec_jwk),
+            checkpoint_signing=load_key_file(key_dir / CHECKPOINT_FILE, parse_checkpoint),
+            subject_hmac=load_key_file(key_dir / SUBJECT_HMAC_FILE, decode_secret),
+            records_kek=load_key_file(key_dir / RECORDS_KEK_FILE, decode_secret),
             retired_token=_load_retired(key_dir, "token", RETIRED_TOKEN_TRUST_SECONDS),
             retired_payload=_load_retired(key_dir, "payload", None),
             retired_records_keks=_load_retired_secrets(key_dir, "records-kek"),
@@ -447,11 +304,11 @@ class BrokerKeys:
         them, and everyone returns what is on disk.
         """
         key_dir = Path(key_dir)
-        _ensure_private_dir(key_dir)
+        ensure_private_dir(key_dir)
         for name in BROKER_KEY_FILES:
             path = key_dir / name
             if not path.exists():
-                _write_new_file(path, _GENERATORS[name]())
+                write_new_file(path, _GENERATORS[name]())
         return cls.load(key_dir)
 
     @classmethod
@@ -477,25 +334,6 @@ class BrokerKeys:
         return cls.generate(key_dir)
 
 
-def _load(path: Path, parse: Callable[[bytes], _T]) -> _T:
-    data = _read_key_file(path)
-    try:
-        return parse(data)
-    except ValueError as exc:
-        # Parsers only raise fixed messages, never anything derived from key material.
-        raise ValueError(f"key file {path} is not valid: {exc}") from None
-
-
-def _parse_ec_jwk(data: bytes) -> ECKey:
-    try:
-        jwk = orjson.loads(data)
-        if not isinstance(jwk, dict):
-            raise TypeError
-        return _ec_signing_key(jwk)
-    except Exception:  # joserfc/cryptography errors may echo input; hide them
-        raise ValueError("expected a private EC P-256 JWK") from None
-
-
 def _parse_retired(data: bytes) -> tuple[ECKey, int]:
     try:
         jwk = orjson.loads(data)
@@ -504,12 +342,12 @@ def _parse_retired(data: bytes) -> tuple[ECKey, int]:
         retired_at = jwk["retired_at"]
         if type(retired_at) is not int:
             raise TypeError
-        return _ec_signing_key(jwk, private=False), retired_at
+        return ec_signing_key(jwk, private=False), retired_at
     except Exception:  # joserfc/cryptography errors may echo input; hide them
         raise ValueError("expected a public EC P-256 JWK with 'retired_at'") from None
 
 
-def _retired_name(which: str, kid: str) -> str:
+def retired_signing_key_name(which: str, kid: str) -> str:
     return f"{which}-signing.{kid}.jwk.json"
 
 
@@ -533,8 +371,8 @@ def _load_retired(
     seen = time.time()
     found: list[RetiredKey] = []
     for path in folder.glob(f"{which}-signing.*.jwk.json"):
-        key, retired_at = _load(path, _parse_retired)
-        if path.name != _retired_name(which, str(key.kid)):
+        key, retired_at = load_key_file(path, _parse_retired)
+        if path.name != retired_signing_key_name(which, str(key.kid)):
             raise ValueError(f"key file {path} does not hold the key its name gives")
         before = (known or {}).get(str(key.kid))
         if before is not None and before.retired_at == retired_at:
@@ -549,33 +387,6 @@ def _kids(retired: tuple[RetiredKey, ...]) -> list[str]:
     return [str(r.key.kid) for r in retired]
 
 
-def rotate_signing_key(key_dir: Path, which: str) -> tuple[str, str]:
-    """Replace the ``token`` or ``payload`` signing key; returns (retired kid, new kid).
-
-    The old key's public half is written to ``retired/`` before the new private key
-    replaces the file, so no crash can leave something signed by a key that is not
-    published. The old private key is gone afterwards: back the folder up first if
-    you must keep it. Running processes sign with the new key once they next read the
-    folder (``Runtime.reload_keys``).
-    """
-    if which not in SIGNING_KEY_FILES:
-        raise ValueError(f"only {' and '.join(SIGNING_KEY_FILES)} signing keys are rotated")
-    key_dir = Path(key_dir)
-    path = key_dir / SIGNING_KEY_FILES[which]
-    if not path.exists():
-        raise KeysMissing(key_dir, [path.name])
-    old = _load(path, _parse_ec_jwk)
-    retired_dir = key_dir / RETIRED_DIR
-    _ensure_private_dir(retired_dir)
-    retired = retired_dir / _retired_name(which, str(old.kid))
-    public = {**old.as_dict(private=False), "retired_at": int(time.time())}
-    # Already there after a rotation cut short: the first retirement time stands.
-    _write_new_file(retired, orjson.dumps(public, option=orjson.OPT_INDENT_2) + b"\n")
-    new = _new_ec_signing_key()
-    _replace_file(path, _jwk_bytes(new, private=True))
-    return str(old.kid), str(new.kid)
-
-
 def records_kek_id(kek: bytes) -> str:
     """A records key's public name: 16 hex digits of a labelled SHA-256, never the key."""
     return hashlib.sha256(b"consent-broker/records-kek-id\x00" + kek).hexdigest()[:16]
@@ -587,13 +398,13 @@ def subject_hmac_id(key: bytes) -> str:
 
 
 #: Secret keys rotated by keeping the old ones whole in ``retired/``: file, public name.
-_RETIRED_SECRETS: dict[str, tuple[str, Callable[[bytes], str]]] = {
+RETIRED_SECRETS: dict[str, tuple[str, Callable[[bytes], str]]] = {
     "records-kek": (RECORDS_KEK_FILE, records_kek_id),
     "subject-hmac": (SUBJECT_HMAC_FILE, subject_hmac_id),
 }
 
 
-def _retired_secret_name(kind: str, key_id: str) -> str:
+def retired_secret_name(kind: str, key_id: str) -> str:
     return f"{kind}.{key_id}.key"
 
 
@@ -602,179 +413,16 @@ def _load_retired_secrets(key_dir: Path, kind: str) -> tuple[bytes, ...]:
     folder = key_dir / RETIRED_DIR
     if not folder.is_dir():
         return ()
-    name_of = _RETIRED_SECRETS[kind][1]
+    name_of = RETIRED_SECRETS[kind][1]
     found = []
     for path in sorted(folder.glob(f"{kind}.*.key")):
-        key = _load(path, _decode_secret)
-        if path.name != _retired_secret_name(kind, name_of(key)):
+        key = load_key_file(path, decode_secret)
+        if path.name != retired_secret_name(kind, name_of(key)):
             raise ValueError(f"key file {path} does not hold the key its name gives")
         found.append(key)
     return tuple(found)
 
 
-def _rotate_secret(key_dir: Path, kind: str) -> tuple[str, str]:
-    """Replace a secret key, keeping the old one whole in ``retired/``; (old id, new id).
-
-    The old key is copied into ``retired/`` before the new one replaces the file, so
-    no crash can leave something made with a key the broker no longer has.
-    """
-    file_name, name_of = _RETIRED_SECRETS[kind]
-    key_dir = Path(key_dir)
-    path = key_dir / file_name
-    if not path.exists():
-        raise KeysMissing(key_dir, [path.name])
-    old = _load(path, _decode_secret)
-    retired_dir = key_dir / RETIRED_DIR
-    _ensure_private_dir(retired_dir)
-    old_id = name_of(old)
-    # Already there after a rotation cut short: the same bytes, so nothing to do.
-    _write_new_file(retired_dir / _retired_secret_name(kind, old_id), _encode_secret(old))
-    new = secrets.token_bytes(SECRET_BYTES)
-    _replace_file(path, _encode_secret(new))
-    return old_id, name_of(new)
-
-
-def rotate_records_kek(key_dir: Path) -> tuple[str, str]:
-    """Replace the records key (KEK); returns (retired id, new id).
-
-    The retired key still unwraps. Running processes wrap with the new key once they
-    next read the folder; ``broker keys rewrap-records`` then rewraps the stored data
-    keys, and ``--forget-retired`` deletes the old key.
-    """
-    return _rotate_secret(key_dir, "records-kek")
-
-
-def rotate_subject_hmac(key_dir: Path) -> tuple[str, str]:
-    """Replace the subject-commitment key; returns (retired id, new id).
-
-    Entries written from then on commit to survivors under the new key. The retired
-    key is kept for good: the broker finds a survivor's older entries with it.
-    """
-    return _rotate_secret(key_dir, "subject-hmac")
-
-
-def forget_retired_records_keks(key_dir: Path) -> list[str]:
-    """Delete every retired records key file; returns the ids deleted."""
-    folder = Path(key_dir) / RETIRED_DIR
-    gone = []
-    for path in sorted(folder.glob("records-kek.*.key")) if folder.is_dir() else []:
-        path.unlink()
-        gone.append(path.name.split(".")[1])
-    if gone:
-        _fsync_dir(folder)
-    return gone
-
-
-#: ``broker keys rotate checkpoint`` stages the new key here until its rotation commits.
-STAGED_CHECKPOINT_FILE = CHECKPOINT_FILE + ".next"
-
-
 def load_checkpoint_key(key_dir: Path) -> Ed25519PrivateKey:
     """The checkpoint key in the folder now (a running process may hold an older one)."""
-    return _load(Path(key_dir) / CHECKPOINT_FILE, _parse_checkpoint)
-
-
-def staged_checkpoint_key(key_dir: Path) -> Ed25519PrivateKey | None:
-    path = Path(key_dir) / STAGED_CHECKPOINT_FILE
-    return _load(path, _parse_checkpoint) if path.exists() else None
-
-
-def stage_checkpoint_key(key_dir: Path) -> Ed25519PrivateKey:
-    """A new checkpoint key, written beside the current one; nothing signs with it yet."""
-    key = Ed25519PrivateKey.generate()
-    _replace_file(Path(key_dir) / STAGED_CHECKPOINT_FILE, _checkpoint_pem(key))
-    return key
-
-
-def install_staged_checkpoint_key(key_dir: Path) -> None:
-    """Move the staged key over the current one (atomic); the old private key is gone."""
-    key_dir = Path(key_dir)
-    os.replace(key_dir / STAGED_CHECKPOINT_FILE, key_dir / CHECKPOINT_FILE)
-    _fsync_dir(key_dir)
-
-
-def discard_staged_checkpoint_key(key_dir: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        (Path(key_dir) / STAGED_CHECKPOINT_FILE).unlink()
-    _fsync_dir(Path(key_dir))
-
-
-def _parse_checkpoint(data: bytes) -> Ed25519PrivateKey:
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except Exception:  # ValueError, TypeError, UnsupportedAlgorithm
-        raise ValueError("expected an unencrypted PKCS#8 PEM Ed25519 private key") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError("expected an Ed25519 private key")
-    return key
-
-
-# --------------------------------------------------------------------------- agency keys
-
-_AGENCY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-EncCurve = Literal["X25519", "P-256"]
-
-
-def generate_agency_keys(
-    out_dir: Path, name: str, enc_curve: EncCurve = "X25519"
-) -> tuple[Path, Path, Path, Path]:
-    """Create an agency's key pairs for ``broker keys generate --out DIR``.
-
-    Signing: P-256 / ES256 (private_key_jwt client assertions). Encryption:
-    ``enc_curve`` (X25519 default, or P-256) with ECDH-ES+A256KW. Returns
-    ``(sig_private, sig_jwks, enc_private, enc_jwks)`` paths; private files are 0600,
-    and no existing file is ever overwritten.
-    """
-    if not _AGENCY_NAME.fullmatch(name):
-        raise ValueError("name must be 1-64 characters of letters, digits, '.', '_' or '-'")
-    out_dir = Path(out_dir)
-    paths = (
-        out_dir / f"{name}.sig.private.jwk.json",
-        out_dir / f"{name}.sig.jwks.json",
-        out_dir / f"{name}.enc.private.jwk.json",
-        out_dir / f"{name}.enc.jwks.json",
-    )
-    existing = [str(p) for p in paths if p.exists()]
-    if existing:
-        raise FileExistsError(f"refusing to overwrite existing key files: {', '.join(existing)}")
-
-    sig_key = _new_ec_signing_key()
-    enc_key: ECKey | OKPKey
-    if enc_curve == "X25519":
-        enc_key = OKPKey.generate_key("X25519")
-    elif enc_curve == "P-256":
-        enc_key = ECKey.generate_key("P-256")
-    else:
-        raise ValueError("enc_curve must be 'X25519' or 'P-256'")
-    enc_key = _with_params(enc_key, use="enc", alg=ENC_ALG)
-
-    out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    contents = (
-        (_jwk_bytes(sig_key, private=True), 0o600),
-        (_jwks_bytes(sig_key), 0o644),
-        (_jwk_bytes(enc_key, private=True), 0o600),
-        (_jwks_bytes(enc_key), 0o644),
-    )
-    for path, (data, mode) in zip(paths, contents, strict=True):
-        if not _write_new_file(path, data, mode):
-            raise FileExistsError(f"refusing to overwrite existing key file: {path}")
-    return paths
-
-
-def generate_p256_enc_keys(out_dir: Path, name: str) -> tuple[Path, Path, Path, Path]:
-    """``generate_agency_keys`` with a P-256 encryption key, for stacks without X25519."""
-    return generate_agency_keys(out_dir, name, enc_curve="P-256")
-
-
-def _with_params(key: ECKey | OKPKey, *, use: str, alg: str) -> ECKey | OKPKey:
-    data = dict(key.as_dict(private=True))
-    public: dict[str, Any] = {k: data[k] for k in ("kty", "crv", "x", "y") if k in data}
-    data.update({"kid": thumbprint(public), "use": use, "alg": alg})
-    if isinstance(key, ECKey):
-        return ECKey.import_key(data)
-    return OKPKey.import_key(data)
-
-
-def _jwks_bytes(key: ECKey | OKPKey) -> bytes:
-    jwks = {"keys": [dict(key.as_dict(private=False))]}
-    return orjson.dumps(jwks, option=orjson.OPT_INDENT_2) + b"\n"
+    return load_key_file(Path(key_dir) / CHECKPOINT_FILE, parse_checkpoint)

@@ -25,13 +25,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from broker.crypto.keystore import (
+from broker.crypto.key_rotation import (
     discard_staged_checkpoint_key,
     install_staged_checkpoint_key,
-    load_checkpoint_key,
     stage_checkpoint_key,
     staged_checkpoint_key,
 )
+from broker.crypto.keystore import load_checkpoint_key
 from broker.hot_sql import HotStatement
 from broker.ledger.checkpoint import (
     Checkpoint,

@@ -14,6 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from joserfc.jwk import ECKey, thumbprint
 
+from broker.crypto.agency_keys import generate_agency_keys, generate_p256_enc_keys
 from broker.crypto.datakeys import (
     RecordUnreadable,
     new_wrapped_data_key,
@@ -22,20 +23,20 @@ from broker.crypto.datakeys import (
     unwrap_with_any,
 )
 from broker.crypto.jwks import validate_public_jwks
+from broker.crypto.key_files import KeyFileInsecure
+from broker.crypto.key_rotation import (
+    forget_retired_records_keks,
+    rotate_records_kek,
+    rotate_signing_key,
+    rotate_subject_hmac,
+)
 from broker.crypto.keystore import (
     BROKER_KEY_FILES,
     RETIRED_TOKEN_TRUST_SECONDS,
     BrokerKeys,
-    KeyFileInsecure,
     KeysMissing,
     RecordsKeyRotated,
-    forget_retired_records_keks,
-    generate_agency_keys,
-    generate_p256_enc_keys,
     records_kek_id,
-    rotate_records_kek,
-    rotate_signing_key,
-    rotate_subject_hmac,
     subject_hmac_id,
 )
 from broker.crypto.payload import PayloadInvalid, sign_claims, verify_signed

@@ -15,8 +15,9 @@ from jwcrypto import jwe as jc_jwe
 from jwcrypto import jwk as jc_jwk
 from jwcrypto import jws as jc_jws
 
+from broker.crypto.agency_keys import generate_agency_keys
 from broker.crypto.jwks import validate_public_jwks
-from broker.crypto.keystore import BrokerKeys, generate_agency_keys
+from broker.crypto.keystore import BrokerKeys
 from broker.crypto.payload import (
     PayloadInvalid,
     open_payload,
