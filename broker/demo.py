@@ -17,9 +17,9 @@ from typing import Any
 
 from joserfc.jwk import ECKey, OKPKey
 
+from broker.ledger.canonical import canonical_json
 from broker.ledger.checkpoint import open_checkpoint
 from broker.ledger.merkle import leaf_hash, verify_inclusion
-from broker.ledger.verify import canonical_json
 from broker.sdk import BrokerClient
 
 

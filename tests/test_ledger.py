@@ -19,10 +19,11 @@ from sqlalchemy import func, select, text
 from broker.cli import main as broker_main
 from broker.errors import InvalidRequest
 from broker.ledger import service as ledger_service
+from broker.ledger.canonical import canonical_json
 from broker.ledger.checkpoint import open_checkpoint
 from broker.ledger.merkle import StreamingTree, leaf_hash, verify_consistency, verify_inclusion
 from broker.ledger.sequencer import integrate_until_empty
-from broker.ledger.verify import canonical_json, verify_export
+from broker.ledger.verify import verify_export
 from broker.models import Agency, LedgerCheckpoint, LedgerEntry, LedgerPending
 from tests.support import World, attestation, consent_body
 from tests.test_disclosure import SECRET_VALUES, SHELTER_RECORD, _ask, _setup

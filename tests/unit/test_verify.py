@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from broker.ledger import canonical
 from broker.ledger import verify as v
 from broker.ledger.checkpoint import Checkpoint, sign_checkpoint, verifier_key
 from broker.ledger.merkle import StreamingTree, leaf_hash
@@ -43,34 +44,36 @@ json_values = st.recursive(
 @given(json_values)
 def test_canonical_json_matches_rfc8785(value: Any) -> None:
     expected = rfc8785.dumps(value)
-    assert v.canonical_json(value) == expected
+    assert canonical.canonical_json(value) == expected
     # the verifier's fast path over re-parsed text must agree too
-    reparsed = v._decode_line(json.dumps({"entry": value}))["entry"]
-    assert v._canonical_parsed(reparsed) == expected
+    reparsed = canonical.decode_line(json.dumps({"entry": value}))["entry"]
+    assert canonical.canonical_parsed(reparsed) == expected
 
 
 def test_canonical_json_known_answers() -> None:
-    assert v.canonical_json({"b": [1, True, None], "a": "x"}) == b'{"a":"x","b":[1,true,null]}'
+    assert (
+        canonical.canonical_json({"b": [1, True, None], "a": "x"}) == b'{"a":"x","b":[1,true,null]}'
+    )
     # UTF-16 order puts U+1F600 (D83D DE00) before U+E000, unlike code-point order
     obj = {"\ue000": 1, "\U0001f600": 2, "a": 0}
-    assert v.canonical_json(obj) == '{"a":0,"\U0001f600":2,"\ue000":1}'.encode()
-    assert v._canonical_parsed(obj) == v.canonical_json(obj)
-    assert v.canonical_json('\x00\x08\t\n\x0c\r\x1f\x7f\u2028"\\/') == (
+    assert canonical.canonical_json(obj) == '{"a":0,"\U0001f600":2,"\ue000":1}'.encode()
+    assert canonical.canonical_parsed(obj) == canonical.canonical_json(obj)
+    assert canonical.canonical_json('\x00\x08\t\n\x0c\r\x1f\x7f\u2028"\\/') == (
         b'"\\u0000\\b\\t\\n\\f\\r\\u001f\x7f\xe2\x80\xa8\\"\\\\/"'
     )
-    assert v.canonical_json([MAX, -MAX, 0]) == b"[9007199254740991,-9007199254740991,0]"
+    assert canonical.canonical_json([MAX, -MAX, 0]) == b"[9007199254740991,-9007199254740991,0]"
 
 
 @pytest.mark.parametrize("bad", [1.0, [0.5], {"a": float("nan")}, MAX + 1, -MAX - 1, "\ud800"])
 def test_canonical_json_rejects_values(bad: object) -> None:
     with pytest.raises(ValueError):
-        v.canonical_json(bad)
+        canonical.canonical_json(bad)
 
 
 @pytest.mark.parametrize("bad", [{1: "a"}, {"a": b"bytes"}, {"a": {1, 2}}])
 def test_canonical_json_rejects_types(bad: object) -> None:
     with pytest.raises(TypeError):
-        v.canonical_json(bad)
+        canonical.canonical_json(bad)
 
 
 @pytest.mark.parametrize(
@@ -78,12 +81,12 @@ def test_canonical_json_rejects_types(bad: object) -> None:
 )
 def test_fast_path_rejects_numbers(text: str) -> None:
     with pytest.raises(ValueError, match="number"):
-        v._canonical_parsed(v._decode_line(text))
+        canonical.canonical_parsed(canonical.decode_line(text))
 
 
 def test_line_decoder_rejects_duplicate_keys() -> None:
     with pytest.raises(ValueError, match="duplicate"):
-        v._decode_line('{"a": {"b": 1, "b": 2}}')
+        canonical.decode_line('{"a": {"b": 1, "b": 2}}')
 
 
 # --- export builder ----------------------------------------------------------------------------
@@ -102,7 +105,7 @@ def entry(i: int) -> dict[str, object]:
 
 def entry_line(i: int, e: dict[str, object] | None = None, leaf: bytes | None = None) -> str:
     e = entry(i) if e is None else e
-    leaf = leaf_hash(v.canonical_json(e)) if leaf is None else leaf
+    leaf = leaf_hash(canonical.canonical_json(e)) if leaf is None else leaf
     obj = {"kind": "entry", "index": i, "leaf_hash": base64.b64encode(leaf).decode(), "entry": e}
     return json.dumps(obj, ensure_ascii=False)
 
@@ -117,7 +120,7 @@ def roots(n: int, entries: dict[int, dict[str, object]] | None = None) -> dict[i
     out = {0: tree.root()}
     for i in range(n):
         e = (entries or {}).get(i, entry(i))
-        tree.append(leaf_hash(v.canonical_json(e)))
+        tree.append(leaf_hash(canonical.canonical_json(e)))
         out[i + 1] = tree.root()
     return out
 
@@ -380,7 +383,7 @@ def exporter_lines(bodies: list[bytes]) -> list[bytes]:
 
 
 def test_fast_path_takes_exporter_lines_and_agrees_with_strict() -> None:
-    bodies = [v.canonical_json(entry(i)) for i in range(300)]
+    bodies = [canonical.canonical_json(entry(i)) for i in range(300)]
     lines = exporter_lines(bodies)
     assert all(v._fast_entry(line, strict=False) for line in lines[:-1])
     for strict in (False, True):
@@ -391,7 +394,7 @@ def test_fast_path_takes_exporter_lines_and_agrees_with_strict() -> None:
 
 @pytest.mark.parametrize("strict", [False, True])
 def test_altered_byte_line_is_named_in_both_modes(strict: bool) -> None:
-    lines = exporter_lines([v.canonical_json(entry(i)) for i in range(64)])
+    lines = exporter_lines([canonical.canonical_json(entry(i)) for i in range(64)])
     lines[17] = lines[17].replace(b'"caseworker"', b'"supervisor"')
     report = v.verify_export(lines, VKEY, strict=strict, workers=1)
     assert not report.ok and report.first_bad_index == 17
@@ -400,7 +403,7 @@ def test_altered_byte_line_is_named_in_both_modes(strict: bool) -> None:
 def test_strict_catches_a_committed_non_canonical_entry() -> None:
     """A broker that signed ambiguous JSON (a duplicate key) passes the integrity check
     but not --strict, which re-canonicalises every entry."""
-    bodies = [v.canonical_json(entry(i)) for i in range(8)]
+    bodies = [canonical.canonical_json(entry(i)) for i in range(8)]
     bodies[5] = b'{"a":1,"a":2}'
     lines = exporter_lines(bodies)
     assert v.verify_export(lines, VKEY, workers=1).ok
