@@ -90,6 +90,19 @@ def test_compose_and_image_name_only_files_that_exist() -> None:
     assert {project["readme"], *project["license-files"], "broker"} <= copied
 
 
+def test_kubernetes_migrates_with_grants_and_serves_one_worker_per_pod() -> None:
+    """One worker per pod keeps uvicorn in one process (no supervisor beside it), which
+    is what the pod's memory limit is sized for; the init container keeps grants in step."""
+    documents = list(yaml.safe_load_all((DEPLOY / "k8s" / "broker.yaml").read_text()))
+    pod = documents[0]["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    assert init["command"] == ["broker", "migrate", "--grant-to", "broker_app"]
+    (broker,) = pod["containers"]
+    args = broker["args"]
+    assert args[:2] == ["broker", "serve"] and args[args.index("--workers") + 1] == "1"
+    assert broker["readinessProbe"]["httpGet"]["path"] == "/readyz"
+
+
 @pytest.mark.postgres_only
 async def test_first_start_script_and_migrate_job_give_a_role_a_broker_serves_as(
     backend: str, pg_template: str, tmp_path: Path
