@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
-from collections.abc import AsyncIterator
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -281,3 +284,19 @@ def runtime_of(app: FastAPI) -> Runtime:
 def same_client(client: BrokerClient, http: httpx.AsyncClient) -> BrokerClient:
     """The same credential, talking to another process."""
     return BrokerClient(BASE_URL, client.client_id, client.private_jwk, http=http)
+
+
+async def wait_until(
+    check: Callable[[], bool | Awaitable[bool]], within: float, what: str, step: float = 0.02
+) -> float:
+    """Poll ``check`` until it holds; the seconds it took. Fails after ``within`` seconds:
+    a bound on waiting for something another task or process does, not a timing check."""
+    started = time.monotonic()
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return time.monotonic() - started
+        assert time.monotonic() - started < within, f"timed out after {within}s: {what}"
+        await asyncio.sleep(step)

@@ -7,7 +7,6 @@ decided or recorded, and everything else (consent changes above all) goes on.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
@@ -34,6 +33,7 @@ from tests.support import (
     runtime_of,
     same_client,
     story_with_held_record,
+    wait_until,
 )
 from tests.test_records_kek_rotation import shell
 
@@ -103,16 +103,10 @@ async def test_a_running_broker_follows_a_hold_within_the_interval(
         assert rt.disclosure_holds == frozenset()  # read at start
         assert (await officer.post("/v1/disclosures", json=POLICE_ASK)).status_code == 200
         await _hold(world.rt)  # another process (the operator's command) places it
-        for _ in range(int(3 * HOLD_INTERVAL_SECONDS / 0.1)):
-            if rt.disclosure_holds:
-                break
-            await asyncio.sleep(0.1)
+        await wait_until(lambda: bool(rt.disclosure_holds), 3 * HOLD_INTERVAL_SECONDS, "hold")
         assert (await officer.post("/v1/disclosures", json=POLICE_ASK)).status_code == 503
         await _resume(world.rt)
-        for _ in range(int(3 * HOLD_INTERVAL_SECONDS / 0.1)):
-            if not rt.disclosure_holds:
-                break
-            await asyncio.sleep(0.1)
+        await wait_until(lambda: not rt.disclosure_holds, 3 * HOLD_INTERVAL_SECONDS, "resume")
         assert (await officer.post("/v1/disclosures", json=POLICE_ASK)).status_code == 200
 
 
@@ -180,15 +174,6 @@ async def test_two_operators_holding_at_once_both_see_disclosures_held(
     assert done.stdout == "disclosures were already on hold by an operator\n"
 
 
-async def _until(condition: Callable[[], bool], seconds: float) -> bool:
-    """Poll ``condition`` for up to ``seconds`` (a bound on waiting, not a timing check)."""
-    for _ in range(int(seconds / 0.05)):
-        if condition():
-            return True
-        await asyncio.sleep(0.05)
-    return condition()
-
-
 @pytest.mark.postgres_only
 async def test_on_postgresql_a_running_broker_follows_a_hold_without_waiting_for_its_poll(
     world: World, key_copy: Path, monkeypatch: pytest.MonkeyPatch, database_url: str
@@ -202,7 +187,7 @@ async def test_on_postgresql_a_running_broker_follows_a_hold_without_waiting_for
         officer = same_client(s.officer, http)
         assert rt.disclosure_holds == frozenset()
         await _hold(world.rt)  # another process: the operator's command
-        assert await _until(lambda: rt.disclosure_holds == frozenset({OPERATOR}), 10)
+        await wait_until(lambda: rt.disclosure_holds == frozenset({OPERATOR}), 10, "hold seen")
         assert (await officer.post("/v1/disclosures", json=POLICE_ASK)).status_code == 503
 
         admin = await asyncpg.connect(database_url.replace("+asyncpg", "", 1))
@@ -216,7 +201,7 @@ async def test_on_postgresql_a_running_broker_follows_a_hold_without_waiting_for
         assert cut == 1
         await _resume(world.rt)
         # Reconnecting waits the loop's retry pause (at most 5 s), then reads the holds.
-        assert await _until(lambda: rt.disclosure_holds == frozenset(), 15)
+        await wait_until(lambda: rt.disclosure_holds == frozenset(), 15, "resume seen")
         assert (await officer.post("/v1/disclosures", json=POLICE_ASK)).status_code == 200
         await _hold(world.rt)  # the new connection listens too
-        assert await _until(lambda: rt.disclosure_holds == frozenset({OPERATOR}), 10)
+        await wait_until(lambda: rt.disclosure_holds == frozenset({OPERATOR}), 10, "hold seen")

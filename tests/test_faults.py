@@ -19,7 +19,7 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -65,6 +65,7 @@ from tests.support import (
     enc_keypair,
     sig_keypair,
     story_one,
+    wait_until,
 )
 from tests.test_disclosure import SHELTER_RECORD, _ask, _setup
 from tests.webhook_server import WebhookServer
@@ -103,21 +104,6 @@ async def _terminate_backends(dbname: str) -> int:
             dbname,
         )
     return sum(1 for r in rows if r[0])
-
-
-async def _wait_until(
-    check: Callable[[], Awaitable[bool]], within: float, what: str, step: float = 0.02
-) -> float:
-    """Poll ``check`` until it holds; returns the seconds it took, fails after ``within`` seconds."""
-    started = time.monotonic()
-    while not await check():
-        assert time.monotonic() - started < within, f"timed out after {within}s: {what}"
-        await asyncio.sleep(step)
-    return time.monotonic() - started
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def _sleeping_backend(dbname: str) -> bool:
@@ -371,7 +357,7 @@ async def test_connection_killed_while_records_endpoint_answers(
         await s.officer.token()
 
         inflight = asyncio.create_task(s.officer.post("/v1/disclosures", json=_ask()))
-        await _wait_until(lambda: _true(bool(records.requests)), 5, "records endpoint called")
+        await wait_until(lambda: bool(records.requests), 5, "records endpoint called")
         killed = await _terminate_backends(_dbname(database_url))
         resp = await asyncio.wait_for(inflight, HTTP_TIMEOUT)
 
@@ -413,7 +399,7 @@ async def test_slow_records_endpoint_does_not_hold_a_connection(world: World) ->
             httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE_URL) as http,
         ):
             slow = asyncio.create_task(http.post("/v1/disclosures", json=_ask(), headers=headers))
-            await _wait_until(lambda: _true(bool(records.requests)), 5, "records endpoint called")
+            await wait_until(lambda: bool(records.requests), 5, "records endpoint called")
             other = await asyncio.wait_for(
                 http.get(f"/v1/disclosures/{uuid.uuid4()}/receipt", headers=headers), HTTP_TIMEOUT
             )
@@ -439,7 +425,7 @@ async def test_connection_killed_while_ledger_entry_is_written(
         database_url, "ledger_pending", "NEW.entry_type = 'disclosure.permitted'"
     ):
         inflight = asyncio.create_task(s.officer.post("/v1/disclosures", json=_ask()))
-        await _wait_until(lambda: _sleeping_backend(db), 5, "ledger insert in flight")
+        await wait_until(lambda: _sleeping_backend(db), 5, "ledger insert in flight")
         killed = await _terminate_backends(db)
         resp = await asyncio.wait_for(inflight, HTTP_TIMEOUT)
     assert resp.status_code == 503, resp.text
@@ -487,7 +473,7 @@ async def test_connection_killed_during_consent_change(
     db = _dbname(database_url)
     async with _sleep_trigger(database_url, "consent_versions"):
         inflight = asyncio.create_task(s.advocate.post(path, json=body))
-        await _wait_until(lambda: _sleeping_backend(db), 5, "consent version insert in flight")
+        await wait_until(lambda: _sleeping_backend(db), 5, "consent version insert in flight")
         killed = await _terminate_backends(db)
         resp = await asyncio.wait_for(inflight, HTTP_TIMEOUT)
     assert resp.status_code == 503, resp.text
@@ -830,7 +816,7 @@ async def _drained(database_url: str, within: float) -> float:
             )
         return pending == 0 and notices == 0
 
-    return await _wait_until(empty, within, "outboxes drained after restart", step=0.2)
+    return await wait_until(empty, within, "outboxes drained after restart", step=0.2)
 
 
 async def test_sigkill_under_load_then_restart(
@@ -862,7 +848,7 @@ async def test_sigkill_under_load_then_restart(
             asyncio.create_task(_revoker(d, load, stop, list(range(half, SURVIVORS)))),
         ]
         await asyncio.sleep(LOAD_SECONDS)
-        await _wait_until(lambda: _true(load.in_flight > 0), 2, "requests in flight at kill")
+        await wait_until(lambda: load.in_flight > 0, 2, "requests in flight at kill")
         in_flight_at_kill = load.in_flight
         pid = proc.proc.pid if proc.proc else None
         proc.kill()
@@ -1028,7 +1014,7 @@ async def test_database_outage_under_load_recovers_without_restart(
             r = await d.officer.post("/v1/disclosures", json=_disclosure_ask(1))
             return r.status_code == 200
 
-        recovered = await _wait_until(serves, 15, "200 again after the outage", step=0.2)
+        recovered = await wait_until(serves, 15, "200 again after the outage", step=0.2)
         same_process = proc.proc.poll() is None and proc.proc.pid == pid
         after = await d.officer.post("/v1/disclosures", json=_disclosure_ask(2))
         assert after.status_code == 200, after.text
@@ -1042,7 +1028,7 @@ async def test_database_outage_under_load_recovers_without_restart(
                     )
                 )
 
-        resumed = await _wait_until(integrated, 15, "background sequencer resumed", step=0.2)
+        resumed = await wait_until(integrated, 15, "background sequencer resumed", step=0.2)
         await _drained(database_url, 15)
         async with _engine(database_url) as engine:
             stored = await _stored(engine)
