@@ -13,7 +13,7 @@ import hashlib
 import json
 import secrets
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from joserfc.jwk import ECKey, OKPKey
 
@@ -21,6 +21,9 @@ from broker.ledger.canonical import canonical_json
 from broker.ledger.checkpoint import open_checkpoint
 from broker.ledger.merkle import leaf_hash, verify_inclusion
 from broker.sdk import BrokerClient
+
+if TYPE_CHECKING:
+    from broker.runtime import Runtime
 
 
 def _keys(use: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -52,12 +55,11 @@ def _ok(resp: Any, status: int = 200) -> dict[str, Any]:
 async def _bootstrap_admin() -> tuple[str, dict[str, Any]]:
     from broker.agencies.service import issue_operator_client
     from broker.auth.roles import Role
-    from broker.runtime import build_runtime
-    from broker.settings import Settings
+    from broker.cli.shared import on_runtime
 
     private, public = _keys("sig")
-    rt = build_runtime(Settings())
-    try:
+
+    async def issue(rt: Runtime) -> str:
         async with rt.sessionmaker() as session, session.begin():
             client = await issue_operator_client(
                 session,
@@ -67,9 +69,9 @@ async def _bootstrap_admin() -> tuple[str, dict[str, Any]]:
                 jwks=public,
                 agency_name="Demo operations",
             )
-            return client.id, private
-    finally:
-        await rt.aclose()
+            return client.id
+
+    return await on_runtime(issue), private
 
 
 async def run_demo(url: str) -> int:

@@ -7,19 +7,21 @@ import asyncio
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from broker.cli.shared import settings_from_env
+from broker.cli.shared import on_runtime
+
+if TYPE_CHECKING:
+    from broker.runtime import Runtime
 
 
 async def _clients_add(args: argparse.Namespace) -> dict[str, Any]:
     from broker.agencies.service import issue_operator_client
     from broker.auth.roles import Role
-    from broker.runtime import build_runtime
 
     jwks = json.loads(Path(args.jwks).read_text())  # noqa: ASYNC240 - before the loop does work
-    rt = build_runtime(settings_from_env())
-    try:
+
+    async def issue(rt: Runtime) -> dict[str, Any]:
         async with rt.sessionmaker() as session, session.begin():
             client = await issue_operator_client(
                 session,
@@ -30,8 +32,8 @@ async def _clients_add(args: argparse.Namespace) -> dict[str, Any]:
                 agency_id=args.agency_id,
             )
             return {"client_id": client.id, "agency_id": client.agency_id, "role": client.role}
-    finally:
-        await rt.aclose()
+
+    return await on_runtime(issue)
 
 
 def cmd_clients_add(args: argparse.Namespace) -> int:
