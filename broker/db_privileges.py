@@ -18,7 +18,7 @@ import logging
 
 from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.types import Text
 
 from broker.migrate import MIGRATION_LOCK, MIGRATION_LOCK_KEY
@@ -58,14 +58,16 @@ def needed_privileges() -> list[tuple[str, str]]:
     return pairs
 
 
-# A table that does not exist is passed over (``has_table_privilege`` would raise):
-# the schema check names what is missing there. Sequences are the current schema's.
-_TABLES_LACKING = text(
+# Whether the role holds each (table, privilege), in the order asked; NULL for a table
+# that does not exist (``has_table_privilege`` would raise): the schema check names what
+# is missing there. Sequences are the current schema's.
+_TABLE_PRIVILEGES = text(
     """
-    SELECT t.name, t.privilege
-    FROM unnest(:names, :privileges) AS t(name, privilege)
-    WHERE CASE WHEN to_regclass(quote_ident(t.name)) IS NULL THEN false
-               ELSE NOT has_table_privilege(quote_ident(t.name), t.privilege) END
+    SELECT t.name, t.privilege,
+           CASE WHEN to_regclass(quote_ident(t.name)) IS NULL THEN NULL
+                ELSE has_table_privilege(quote_ident(t.name), t.privilege) END
+    FROM unnest(:names, :privileges) WITH ORDINALITY AS t(name, privilege, n)
+    ORDER BY t.n
     """
 ).bindparams(bindparam("names", type_=ARRAY(Text)), bindparam("privileges", type_=ARRAY(Text)))
 _SEQUENCES_LACKING = text(
@@ -80,6 +82,13 @@ _SEQUENCES_LACKING = text(
 )
 
 
+async def _held(conn: AsyncConnection, pairs: list[tuple[str, str]], held: bool) -> list[str]:
+    """Of ``pairs``, those the role holds (``held``) or lacks, on tables that exist."""
+    params = {"names": [t for t, _ in pairs], "privileges": [p for _, p in pairs]}
+    rows = await conn.execute(_TABLE_PRIVILEGES, params)
+    return [f"{privilege} on {name}" for name, privilege, has in rows if has is held]
+
+
 async def missing_privileges(engine: AsyncEngine) -> list[str]:
     """Grants the connected role lacks, as "SELECT on disclosure_holds"; [] if none.
 
@@ -87,23 +96,10 @@ async def missing_privileges(engine: AsyncEngine) -> list[str]:
     """
     if engine.dialect.name != "postgresql":
         return []
-    pairs = needed_privileges()
-    params = {"names": [t for t, _ in pairs], "privileges": [p for _, p in pairs]}
     async with engine.connect() as conn:
-        rows = list(await conn.execute(_TABLES_LACKING, params))
-        rows += list(await conn.execute(_SEQUENCES_LACKING))
-    return [f"{privilege} on {name}" for name, privilege in rows]
-
-
-_TABLES_HELD = text(
-    """
-    SELECT t.name, t.privilege
-    FROM unnest(:names, :privileges) WITH ORDINALITY AS t(name, privilege, n)
-    WHERE CASE WHEN to_regclass(quote_ident(t.name)) IS NULL THEN false
-               ELSE has_table_privilege(quote_ident(t.name), t.privilege) END
-    ORDER BY t.n
-    """
-).bindparams(bindparam("names", type_=ARRAY(Text)), bindparam("privileges", type_=ARRAY(Text)))
+        missing = await _held(conn, needed_privileges(), held=False)
+        sequences = await conn.execute(_SEQUENCES_LACKING)
+    return missing + [f"{privilege} on {name}" for name, privilege in sequences]
 
 
 async def rewritable_append_only(engine: AsyncEngine) -> list[str]:
@@ -111,10 +107,8 @@ async def rewritable_append_only(engine: AsyncEngine) -> list[str]:
     if engine.dialect.name != "postgresql":
         return []
     pairs = [(table, p) for table in APPEND_ONLY_TABLES for p in REWRITES]
-    params = {"names": [t for t, _ in pairs], "privileges": [p for _, p in pairs]}
     async with engine.connect() as conn:
-        rows = list(await conn.execute(_TABLES_HELD, params))
-    return [f"{privilege} on {name}" for name, privilege in rows]
+        return await _held(conn, pairs, held=True)
 
 
 _REPORTED: set[tuple[str, ...]] = set()
