@@ -12,7 +12,6 @@ import os
 import re
 import stat
 import subprocess
-import sys
 import tomllib
 import uuid
 from pathlib import Path
@@ -27,7 +26,7 @@ from broker.db_privileges import needed_privileges
 from broker.settings import Settings
 from tests.conftest import PG_ADMIN_DSN, pg_database
 from tests.test_app_role import _grants
-from tests.test_records_kek_rotation import shell
+from tests.test_records_kek_rotation import BIN, shell
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
@@ -166,7 +165,7 @@ async def test_first_start_script_and_migrate_job_give_a_role_a_broker_serves_as
 
 def _migrate_together(url: str, role: str, count: int) -> list[subprocess.CompletedProcess[str]]:
     env = {**os.environ, "BROKER_DATABASE_URL": url, "BROKER_ENVIRONMENT": "production"}
-    argv = [str(Path(sys.executable).parent / "broker"), "migrate", "--grant-to", role]
+    argv = [str(BIN / "broker"), "migrate", "--grant-to", role]
     running = [
         subprocess.Popen(  # noqa: S603
             argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
