@@ -15,6 +15,7 @@ a connection taken straight from that pool, with no ORM session around it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, TypeVar
@@ -62,6 +63,12 @@ def _sqlite_on_connect(dbapi_conn: DBAPIConnection, _: ConnectionPoolEntry) -> N
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.close()
+
+
+def advisory_lock_key(label: str) -> int:
+    """A PostgreSQL advisory-lock key: the first 8 bytes of SHA-256(``label``), signed,
+    so each lock the broker takes has a key of its own."""
+    return int.from_bytes(hashlib.sha256(label.encode()).digest()[:8], "big", signed=True)
 
 
 def make_engine(database_url: str, *, autocommit: bool = False, **kwargs: Any) -> AsyncEngine:

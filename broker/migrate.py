@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 
+from broker.db import advisory_lock_key
 from broker.settings import REPO_ROOT
 
 #: PostgreSQL ``pg_advisory_xact_lock`` key taken by every migration run and every
-#: ``--grant-to``: the first 8 bytes of SHA-256("consent-broker/schema-migrations").
+#: ``--grant-to``.
 #: Replicas starting together (Kubernetes init containers) migrate one at a time;
 #: the others then find the schema at head. Concurrent GRANTs on one table can
 #: fail ("tuple concurrently updated"), so those take turns too.
-MIGRATION_LOCK_KEY = int.from_bytes(
-    hashlib.sha256(b"consent-broker/schema-migrations").digest()[:8], "big", signed=True
-)
+MIGRATION_LOCK_KEY = advisory_lock_key("consent-broker/schema-migrations")
 MIGRATION_LOCK = "SELECT pg_advisory_xact_lock(:key)"
 
 

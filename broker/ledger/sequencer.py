@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import bindparam, delete, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from broker.db import advisory_lock_key
 from broker.hot_sql import HotStatement
 from broker.ledger.checkpoint import Checkpoint, sign_checkpoint
 from broker.ledger.checkpoint_key import signing_key
@@ -31,10 +32,8 @@ from broker.models import LedgerCheckpoint, LedgerEntry, LedgerNode, LedgerPendi
 if TYPE_CHECKING:
     from broker.runtime import Runtime
 
-# pg_advisory_xact_lock key: the first 8 bytes of SHA-256("consent-broker/ledger-sequencer").
-SEQUENCER_LOCK_KEY = int.from_bytes(
-    hashlib.sha256(b"consent-broker/ledger-sequencer").digest()[:8], "big", signed=True
-)
+#: pg_advisory_xact_lock key of the one sequencer at a time.
+SEQUENCER_LOCK_KEY = advisory_lock_key("consent-broker/ledger-sequencer")
 
 
 class SequencerState:
